@@ -1,1 +1,259 @@
-//! placeholder
+//! All SQL of onecard: migrations and queries for SQLite and PostgreSQL.
+//!
+//! [`Store`] is a closed set of two backends chosen by the database URL; both always compile.
+//! Nothing above this crate writes SQL.
+//!
+//! Invariants this crate keeps (see ARCHITECTURE.md):
+//! - Transfers go through [`Store::submit`], which groups concurrent requests into one database
+//!   transaction (group commit), applies them with [`ledger::Ledger`], and writes each changed
+//!   account once per group. On PostgreSQL, account rows are locked in ascending id order.
+//! - A transfer id is stored with its body and answer; a retry with the same body gets the stored
+//!   answer (also a stored rejection), another body gets `ExistsWithDifferentBody`.
+//! - The `transfers` table is append-only: triggers refuse UPDATE and DELETE.
+//! - Schema checks repeat the ledger's rules (non-negative sums, no overdraft for liability
+//!   accounts): a bug in one is caught by the other.
+
+mod check;
+mod migrate;
+mod pg;
+mod sqlite;
+mod url;
+
+use std::sync::Arc;
+
+pub use check::{CheckReport, Mismatch};
+pub use migrate::Migration;
+pub use url::{DatabaseUrl, UrlError};
+
+use ledger::{
+    Account, AccountId, AccountKind, AccountStatus, Outcome, PendingHold, Timestamp, Transfer,
+    TransferId, TransferRecord,
+};
+
+/// Most transfers one [`Store::submit`] call may carry.
+pub const TRANSFERS_PER_REQUEST_MAX: usize = 8_190;
+/// Most transfers one group commit applies in one database transaction.
+pub const TRANSFERS_PER_COMMIT_MAX: usize = 16_380;
+/// Most submit requests waiting for the writer before callers wait for room.
+pub const SUBMIT_QUEUE_DEPTH_MAX: usize = 4_096;
+/// Most rows one listing returns.
+pub const LIST_LIMIT_MAX: u32 = 1_000;
+/// Most holds one expiry sweep releases.
+pub const EXPIRE_BATCH_MAX: usize = 10_000;
+
+/// Errors of the store. Rejections of transfers are not errors: they are answers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("account {0} does not exist")]
+    AccountNotFound(AccountId),
+    #[error("an account named {0:?} exists already")]
+    AccountNameTaken(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// An account with what the store knows beside its sums.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountRow {
+    pub account: Account,
+    /// A unique name for system accounts ("bank:icbc", "merchant:canteen-1"); `None` for most.
+    pub name: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// A stored transfer with its position in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// Increases with every stored transfer; history is ordered by it.
+    pub seq: i64,
+    pub record: TransferRecord,
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Apply pending migrations on open (the default). `onecard migrate` opens without it.
+    pub migrate: bool,
+    /// PostgreSQL connection pool size.
+    pub pool_size_max: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            migrate: true,
+            pool_size_max: 8,
+        }
+    }
+}
+
+/// The database, whichever backend the URL chose. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(Arc<sqlite::SqliteStore>),
+    Postgres(Arc<pg::PgStore>),
+}
+
+impl Store {
+    /// Opens (and, unless told otherwise, migrates) the database the URL names. A SQLite file
+    /// is created if missing; its folder must exist.
+    pub async fn open(url: &DatabaseUrl, options: StoreOptions) -> anyhow::Result<Store> {
+        match url {
+            DatabaseUrl::Sqlite(path) => Ok(Store::Sqlite(Arc::new(
+                sqlite::SqliteStore::open(path, &options).await?,
+            ))),
+            DatabaseUrl::Postgres(_) => Ok(Store::Postgres(Arc::new(
+                pg::PgStore::open(url, &options).await?,
+            ))),
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies migrations not yet applied; returns those it applied.
+    pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
+        match self {
+            Store::Sqlite(s) => s.migrate().await,
+            Store::Postgres(s) => s.migrate().await,
+        }
+    }
+
+    /// Migrations applied to this database, oldest first.
+    pub async fn applied_migrations(&self) -> anyhow::Result<Vec<Migration>> {
+        match self {
+            Store::Sqlite(s) => s.applied_migrations().await,
+            Store::Postgres(s) => s.applied_migrations().await,
+        }
+    }
+
+    /// Creates an account. `name`, when given, must be unique.
+    pub async fn create_account(
+        &self,
+        kind: AccountKind,
+        name: Option<&str>,
+        now: Timestamp,
+    ) -> Result<AccountRow, StoreError> {
+        if let Some(n) = name {
+            if n.trim().is_empty() || n.len() > 200 {
+                return Err(StoreError::Invalid(format!(
+                    "account name {n:?} must be 1 to 200 bytes and not blank"
+                )));
+            }
+        }
+        match self {
+            Store::Sqlite(s) => s.create_account(kind, name, now).await,
+            Store::Postgres(s) => s.create_account(kind, name, now).await,
+        }
+    }
+
+    /// Freezes, unfreezes or closes an account. Closing needs an empty account.
+    pub async fn set_account_status(
+        &self,
+        id: AccountId,
+        status: AccountStatus,
+    ) -> Result<AccountRow, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.set_account_status(id, status).await,
+            Store::Postgres(s) => s.set_account_status(id, status).await,
+        }
+    }
+
+    pub async fn account(&self, id: AccountId) -> anyhow::Result<Option<AccountRow>> {
+        match self {
+            Store::Sqlite(s) => s.account(id).await,
+            Store::Postgres(s) => s.account(id).await,
+        }
+    }
+
+    pub async fn account_by_name(&self, name: &str) -> anyhow::Result<Option<AccountRow>> {
+        match self {
+            Store::Sqlite(s) => s.account_by_name(name).await,
+            Store::Postgres(s) => s.account_by_name(name).await,
+        }
+    }
+
+    /// Accounts with ids above `after`, in id order, at most `limit` (capped at
+    /// [`LIST_LIMIT_MAX`]).
+    pub async fn accounts(&self, after: i64, limit: u32) -> anyhow::Result<Vec<AccountRow>> {
+        let limit = limit.min(LIST_LIMIT_MAX);
+        match self {
+            Store::Sqlite(s) => s.accounts(after, limit).await,
+            Store::Postgres(s) => s.accounts(after, limit).await,
+        }
+    }
+
+    /// Applies transfers in order at time `now` and answers each, in order. Concurrent calls
+    /// are committed together; each call's linked chains stay within that call.
+    pub async fn submit(
+        &self,
+        transfers: Vec<Transfer>,
+        now: Timestamp,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if transfers.is_empty() {
+            return Ok(Vec::new());
+        }
+        if transfers.len() > TRANSFERS_PER_REQUEST_MAX {
+            return Err(StoreError::Invalid(format!(
+                "{} transfers in one request; at most {TRANSFERS_PER_REQUEST_MAX}",
+                transfers.len()
+            )));
+        }
+        match self {
+            Store::Sqlite(s) => s.submit(transfers, now).await,
+            Store::Postgres(s) => s.submit(transfers, now).await,
+        }
+    }
+
+    /// The stored transfer with this id, with its answer.
+    pub async fn transfer(&self, id: TransferId) -> anyhow::Result<Option<JournalEntry>> {
+        match self {
+            Store::Sqlite(s) => s.transfer(id).await,
+            Store::Postgres(s) => s.transfer(id).await,
+        }
+    }
+
+    /// Transfers that debit or credit the account, newest first, with `seq` below `before`.
+    pub async fn account_transfers(
+        &self,
+        id: AccountId,
+        before: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<JournalEntry>> {
+        let limit = limit.min(LIST_LIMIT_MAX);
+        match self {
+            Store::Sqlite(s) => s.account_transfers(id, before, limit).await,
+            Store::Postgres(s) => s.account_transfers(id, before, limit).await,
+        }
+    }
+
+    pub async fn hold(&self, id: TransferId) -> anyhow::Result<Option<PendingHold>> {
+        match self {
+            Store::Sqlite(s) => s.hold(id).await,
+            Store::Postgres(s) => s.hold(id).await,
+        }
+    }
+
+    /// Releases holds whose time has come, at most [`EXPIRE_BATCH_MAX`] per call; returns how
+    /// many it released.
+    pub async fn expire_holds(&self, now: Timestamp) -> anyhow::Result<usize> {
+        match self {
+            Store::Sqlite(s) => s.expire_holds(now).await,
+            Store::Postgres(s) => s.expire_holds(now).await,
+        }
+    }
+
+    /// Recomputes every account's sums from the journal and checks that postings sum to zero.
+    pub async fn check(&self) -> anyhow::Result<CheckReport> {
+        match self {
+            Store::Sqlite(s) => s.check().await,
+            Store::Postgres(s) => s.check().await,
+        }
+    }
+}

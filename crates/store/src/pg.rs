@@ -1,0 +1,730 @@
+//! PostgreSQL backend: a pool of connections for reads and single writes, and one committer
+//! task that groups concurrent submits into one transaction (group commit).
+//!
+//! A group locks its account rows `FOR UPDATE` in ascending id order, then its holds in
+//! ascending id order, so two groups (from this process or another) never deadlock; a hot
+//! account is written once per group by one `UPDATE ... FROM unnest(...)`. Statements of one
+//! group are pipelined on one connection.
+
+use anyhow::Context as _;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use ledger::{
+    Account, AccountId, AccountKind, AccountStatus, Fen, HoldState, Ledger, Outcome, PendingHold,
+    Rejection, Timestamp, Transfer, TransferId, TransferKind, TransferRecord,
+};
+use rustc_hash::FxHashSet;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+type Param = dyn ToSql + Sync;
+use uuid::Uuid;
+
+use crate::check::{self, CheckReport, Dialect, Mismatch};
+use crate::migrate::{self, Migration};
+use crate::sqlite::result_code;
+use crate::{
+    AccountRow, DatabaseUrl, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError,
+    StoreOptions, TRANSFERS_PER_COMMIT_MAX,
+};
+
+/// How often a group is retried when another process inserted one of its ids first.
+const UNIQUE_RETRIES_MAX: usize = 3;
+/// Serialises migrations across processes.
+const MIGRATION_LOCK_KEY: i64 = 0x6f6e_6563_6172_64;
+
+struct SubmitRequest {
+    transfers: Vec<Transfer>,
+    now: Timestamp,
+    reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+}
+
+pub struct PgStore {
+    pool: Pool,
+    committer: mpsc::Sender<SubmitRequest>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+fn db_err(e: tokio_postgres::Error) -> anyhow::Error {
+    // The server's message (with detail) is more useful than "db error".
+    match e.as_db_error() {
+        Some(db) => anyhow::anyhow!(
+            "PostgreSQL: {}{}",
+            db.message(),
+            db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
+        None => anyhow::Error::new(e),
+    }
+}
+
+impl PgStore {
+    pub async fn open(url: &DatabaseUrl, options: &StoreOptions) -> anyhow::Result<PgStore> {
+        let config = url.postgres_config().context("not a PostgreSQL URL")?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size_max.max(2))
+            .build()
+            .context("building the PostgreSQL pool")?;
+        // Fail now, with the server's words, rather than at the first request.
+        let client = pool
+            .get()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        client.simple_query("SELECT 1").await.map_err(db_err)?;
+        drop(client);
+        let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_DEPTH_MAX);
+        tokio::spawn(committer_loop(pool.clone(), rx));
+        let store = PgStore {
+            pool,
+            committer: tx,
+        };
+        if options.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .context("taking a PostgreSQL connection from the pool")
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await
+            .map_err(db_err)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ( \
+               version BIGINT PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, \
+               applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(db_err)?;
+        let applied = applied(&*tx).await?;
+        let mut done = Vec::new();
+        for source in migrate::pending(migrate::POSTGRES, &applied)? {
+            tx.batch_execute(source.sql)
+                .await
+                .map_err(db_err)
+                .with_context(|| {
+                    format!("applying migration {} ({})", source.version, source.name)
+                })?;
+            let m = source.migration();
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                &[&m.version, &m.name, &m.checksum],
+            )
+            .await
+            .map_err(db_err)?;
+            done.push(m);
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(done)
+    }
+
+    pub async fn applied_migrations(&self) -> anyhow::Result<Vec<Migration>> {
+        let client = self.client().await?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        if !exists {
+            return Ok(Vec::new());
+        }
+        applied(&**client).await
+    }
+
+    pub async fn create_account(
+        &self,
+        kind: AccountKind,
+        name: Option<&str>,
+        now: Timestamp,
+    ) -> Result<AccountRow, StoreError> {
+        let client = self.client().await?;
+        let result = client
+            .query_one(
+                &format!(
+                    "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) \
+                     RETURNING {ACCOUNT_COLUMNS}"
+                ),
+                &[&kind.code(), &name, &now.0],
+            )
+            .await;
+        match result {
+            Ok(row) => Ok(account_row(&row)?),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(
+                StoreError::AccountNameTaken(name.unwrap_or_default().to_owned()),
+            ),
+            Err(e) => Err(StoreError::Unexpected(db_err(e))),
+        }
+    }
+
+    pub async fn set_account_status(
+        &self,
+        id: AccountId,
+        status: AccountStatus,
+    ) -> Result<AccountRow, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let row = tx
+            .query_opt(
+                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 FOR UPDATE"),
+                &[&id.get()],
+            )
+            .await
+            .map_err(db_err)?
+            .ok_or(StoreError::AccountNotFound(id))?;
+        let row = account_row(&row)?;
+        let mut ledger = Ledger::new();
+        ledger.load_account(row.account);
+        ledger.set_status(id, status).map_err(StoreError::Invalid)?;
+        tx.execute(
+            "UPDATE accounts SET status = $1 WHERE id = $2",
+            &[&status.code(), &id.get()],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(AccountRow {
+            account: Account {
+                status,
+                ..row.account
+            },
+            ..row
+        })
+    }
+
+    pub async fn account(&self, id: AccountId) -> anyhow::Result<Option<AccountRow>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"),
+                &[&id.get()],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(account_row).transpose()
+    }
+
+    pub async fn account_by_name(&self, name: &str) -> anyhow::Result<Option<AccountRow>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = $1"),
+                &[&name],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(account_row).transpose()
+    }
+
+    pub async fn accounts(&self, after: i64, limit: u32) -> anyhow::Result<Vec<AccountRow>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                &[&after, &i64::from(limit)],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(account_row).collect()
+    }
+
+    pub async fn submit(
+        &self,
+        transfers: Vec<Transfer>,
+        now: Timestamp,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.committer
+            .send(SubmitRequest {
+                transfers,
+                now,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the PostgreSQL committer has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the PostgreSQL committer dropped a request"))?
+    }
+
+    pub async fn transfer(&self, id: TransferId) -> anyhow::Result<Option<JournalEntry>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1"),
+                &[&id.to_uuid()],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(journal_entry).transpose()
+    }
+
+    pub async fn account_transfers(
+        &self,
+        id: AccountId,
+        before: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<JournalEntry>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT * FROM ( \
+                       (SELECT {TRANSFER_COLUMNS} FROM transfers \
+                        WHERE debit_account_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3) \
+                       UNION \
+                       (SELECT {TRANSFER_COLUMNS} FROM transfers \
+                        WHERE credit_account_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3) \
+                     ) x ORDER BY seq DESC LIMIT $3"
+                ),
+                &[&id.get(), &before, &i64::from(limit)],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(journal_entry).collect()
+    }
+
+    pub async fn hold(&self, id: TransferId) -> anyhow::Result<Option<PendingHold>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"),
+                &[&id.to_uuid()],
+            )
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(hold_row).transpose()
+    }
+
+    pub async fn expire_holds(&self, now: Timestamp) -> anyhow::Result<usize> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let due: Vec<PendingHold> = tx
+            .query(
+                &format!(
+                    "SELECT {HOLD_COLUMNS} FROM holds WHERE state = 0 AND expires_at <= $1 \
+                     ORDER BY expires_at LIMIT $2"
+                ),
+                &[&now.0, &(EXPIRE_BATCH_MAX as i64)],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(hold_row)
+            .collect::<anyhow::Result<_>>()?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut account_ids: Vec<i64> = due
+            .iter()
+            .flat_map(|h| [h.debit.get(), h.credit.get()])
+            .collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let mut hold_ids: Vec<Uuid> = due.iter().map(|h| h.id.to_uuid()).collect();
+        hold_ids.sort_unstable();
+        let mut ledger = Ledger::new();
+        // Same lock order as a submit: accounts, then holds, each ascending.
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+                ),
+                &[&account_ids],
+            )
+            .await
+            .map_err(db_err)?
+        {
+            ledger.load_account(account_row(&row)?.account);
+        }
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT {HOLD_COLUMNS} FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+                ),
+                &[&hold_ids],
+            )
+            .await
+            .map_err(db_err)?
+        {
+            // Re-read under the lock: another process may have posted or expired it meanwhile.
+            ledger.load_hold(hold_row(&row)?);
+        }
+        let n = ledger.expire(now);
+        write_changes(&tx, ledger.take_changes()).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(n)
+    }
+
+    pub async fn check(&self) -> anyhow::Result<CheckReport> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db_err)?;
+        let t = tx
+            .query_one(check::totals_sql(), &[])
+            .await
+            .map_err(db_err)?;
+        let mut report = CheckReport {
+            accounts: t.get(0),
+            transfers: t.get(1),
+            debits_posted_total: check::parse_total(t.get(2))?,
+            credits_posted_total: check::parse_total(t.get(3))?,
+            debits_pending_total: check::parse_total(t.get(4))?,
+            credits_pending_total: check::parse_total(t.get(5))?,
+            ..CheckReport::default()
+        };
+        for r in tx
+            .query(&check::mismatches_sql(Dialect::Postgres), &[])
+            .await
+            .map_err(db_err)?
+        {
+            let id: i64 = r.get(0);
+            for (i, field) in [
+                "debits_posted",
+                "credits_posted",
+                "debits_pending",
+                "credits_pending",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let (stored, recomputed): (i64, i64) = (r.get(1 + 2 * i), r.get(2 + 2 * i));
+                if stored != recomputed {
+                    report.mismatches.push(Mismatch {
+                        account_id: id,
+                        field,
+                        stored,
+                        recomputed,
+                    });
+                }
+            }
+        }
+        for sql in check::problems_sql(Dialect::Postgres) {
+            for r in tx.query(&sql, &[]).await.map_err(db_err)? {
+                report.problems.push(r.get(0));
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(report)
+    }
+}
+
+async fn committer_loop(pool: Pool, mut rx: mpsc::Receiver<SubmitRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut total = first.transfers.len();
+        let mut group = vec![first];
+        while total < TRANSFERS_PER_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(r) => {
+                    total += r.transfers.len();
+                    group.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match commit_group(&pool, &group).await {
+                Err(GroupError::IdRace) if attempt < UNIQUE_RETRIES_MAX => continue,
+                Err(GroupError::IdRace) => {
+                    break Err(anyhow::anyhow!(
+                        "another process kept inserting the same transfer ids; gave up after \
+                         {UNIQUE_RETRIES_MAX} tries"
+                    ));
+                }
+                Err(GroupError::Other(e)) => break Err(e),
+                Ok(outcomes) => break Ok(outcomes),
+            }
+        };
+        match result {
+            Ok(all) => {
+                for (request, outcomes) in group.into_iter().zip(all) {
+                    let _ = request.reply.send(Ok(outcomes));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = ?e, "group commit failed; nothing was written");
+                let message = format!("{e:#}");
+                for request in group {
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Unexpected(anyhow::anyhow!(
+                            "group commit failed: {message}"
+                        ))));
+                }
+            }
+        }
+    }
+}
+
+enum GroupError {
+    /// Another process inserted one of the group's ids between our read and our insert.
+    IdRace,
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for GroupError {
+    fn from(e: anyhow::Error) -> GroupError {
+        GroupError::Other(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for GroupError {
+    fn from(e: tokio_postgres::Error) -> GroupError {
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            GroupError::IdRace
+        } else {
+            GroupError::Other(db_err(e))
+        }
+    }
+}
+
+async fn commit_group(
+    pool: &Pool,
+    group: &[SubmitRequest],
+) -> Result<Vec<Vec<Outcome>>, GroupError> {
+    let mut client = pool.get().await.context("taking a PostgreSQL connection")?;
+    let tx = client.transaction().await?;
+    let mut account_ids = FxHashSet::default();
+    let mut ids = FxHashSet::default();
+    let mut pending_ids = FxHashSet::default();
+    for t in group.iter().flat_map(|r| &r.transfers) {
+        account_ids.insert(t.debit.get());
+        account_ids.insert(t.credit.get());
+        ids.insert(t.id.to_uuid());
+        if let Some(p) = t.kind.pending_id() {
+            pending_ids.insert(p.to_uuid());
+        }
+    }
+    let mut account_ids: Vec<i64> = account_ids.into_iter().collect();
+    account_ids.sort_unstable();
+    let ids: Vec<Uuid> = ids.into_iter().collect();
+    let mut pending_ids: Vec<Uuid> = pending_ids.into_iter().collect();
+    pending_ids.sort_unstable();
+
+    let accounts_sql =
+        format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let records_sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1)");
+    let holds_sql =
+        format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    // Pipelined: sent together, run in order, so the account locks are taken first.
+    let (p1, p2, p3): ([&Param; 1], [&Param; 1], [&Param; 1]) =
+        ([&account_ids], [&ids], [&pending_ids]);
+    let (accounts, records, holds) = tokio::try_join!(
+        tx.query(&accounts_sql, &p1),
+        tx.query(&records_sql, &p2),
+        tx.query(&holds_sql, &p3),
+    )?;
+    let mut ledger = Ledger::new();
+    for row in &accounts {
+        ledger.load_account(account_row(row)?.account);
+    }
+    for row in &records {
+        ledger.load_record(journal_entry(row)?.record);
+    }
+    for row in &holds {
+        ledger.load_hold(hold_row(row)?);
+    }
+    let outcomes: Vec<Vec<Outcome>> = group
+        .iter()
+        .map(|r| ledger.apply_batch(&r.transfers, r.now))
+        .collect();
+    write_changes(&tx, ledger.take_changes()).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+async fn write_changes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    changes: ledger::Changes,
+) -> Result<(), tokio_postgres::Error> {
+    let a = &changes.accounts;
+    let ids: Vec<i64> = a.iter().map(|a| a.id.get()).collect();
+    let status: Vec<i16> = a.iter().map(|a| a.status.code()).collect();
+    let dp: Vec<i64> = a.iter().map(|a| a.debits_posted.get()).collect();
+    let cp: Vec<i64> = a.iter().map(|a| a.credits_posted.get()).collect();
+    let dh: Vec<i64> = a.iter().map(|a| a.debits_pending.get()).collect();
+    let ch: Vec<i64> = a.iter().map(|a| a.credits_pending.get()).collect();
+
+    let r = &changes.records;
+    let t_id: Vec<Uuid> = r.iter().map(|r| r.transfer.id.to_uuid()).collect();
+    let t_debit: Vec<i64> = r.iter().map(|r| r.transfer.debit.get()).collect();
+    let t_credit: Vec<i64> = r.iter().map(|r| r.transfer.credit.get()).collect();
+    let t_amount: Vec<i64> = r.iter().map(|r| r.transfer.amount.get()).collect();
+    let t_kind: Vec<i16> = r.iter().map(|r| r.transfer.kind.code()).collect();
+    let t_pending: Vec<Option<Uuid>> = r
+        .iter()
+        .map(|r| r.transfer.kind.pending_id().map(TransferId::to_uuid))
+        .collect();
+    let t_timeout: Vec<i32> = r
+        .iter()
+        .map(|r| i32::try_from(r.transfer.kind.timeout_s()).unwrap_or(i32::MAX))
+        .collect();
+    let t_linked: Vec<bool> = r.iter().map(|r| r.transfer.linked).collect();
+    let t_code: Vec<i32> = r.iter().map(|r| i32::from(r.transfer.code)).collect();
+    let t_result: Vec<i16> = r.iter().map(|r| result_code(r.outcome)).collect();
+    let t_time: Vec<i64> = r.iter().map(|r| r.timestamp.0).collect();
+
+    let h = &changes.holds;
+    let h_id: Vec<Uuid> = h.iter().map(|h| h.id.to_uuid()).collect();
+    let h_debit: Vec<i64> = h.iter().map(|h| h.debit.get()).collect();
+    let h_credit: Vec<i64> = h.iter().map(|h| h.credit.get()).collect();
+    let h_amount: Vec<i64> = h.iter().map(|h| h.amount.get()).collect();
+    let h_expires: Vec<i64> = h.iter().map(|h| h.expires_at.0).collect();
+    let h_state: Vec<i16> = h.iter().map(|h| h.state.code()).collect();
+
+    let update_params: [&Param; 6] = [&ids, &status, &dp, &cp, &dh, &ch];
+    let insert_params: [&Param; 11] = [
+        &t_id, &t_debit, &t_credit, &t_amount, &t_kind, &t_pending, &t_timeout, &t_linked, &t_code,
+        &t_result, &t_time,
+    ];
+    let upsert_params: [&Param; 6] = [&h_id, &h_debit, &h_credit, &h_amount, &h_expires, &h_state];
+    let update = tx.execute(
+        "UPDATE accounts a SET status = u.status, debits_posted = u.dp, credits_posted = u.cp, \
+           debits_pending = u.dh, credits_pending = u.ch \
+         FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                     $6::bigint[]) AS u(id, status, dp, cp, dh, ch) \
+         WHERE a.id = u.id",
+        &update_params,
+    );
+    // Records before holds: a hold references its transfer.
+    let insert = tx.execute(
+        "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
+           timeout_s, linked, code, result, timestamp) \
+         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
+           $5::smallint[], $6::uuid[], $7::int[], $8::bool[], $9::int[], $10::smallint[], \
+           $11::bigint[])",
+        &insert_params,
+    );
+    let upsert = tx.execute(
+        "INSERT INTO holds (id, debit_account_id, credit_account_id, amount, expires_at, state) \
+         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+           $6::smallint[]) \
+         ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
+        &upsert_params,
+    );
+    let (updated, _, _) = tokio::try_join!(update, insert, upsert)?;
+    debug_assert_eq!(updated as usize, ids.len());
+    Ok(())
+}
+
+async fn applied(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<Vec<Migration>> {
+    let rows = client
+        .query(
+            "SELECT version, name, checksum FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .map_err(db_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| Migration {
+            version: r.get(0),
+            name: r.get(1),
+            checksum: r.get(2),
+        })
+        .collect())
+}
+
+const ACCOUNT_COLUMNS: &str = "id, kind, status, debits_posted, credits_posted, debits_pending, \
+    credits_pending, name, created_at";
+const TRANSFER_COLUMNS: &str = "id, debit_account_id, credit_account_id, amount, kind, \
+    pending_id, timeout_s, linked, code, result, timestamp, seq";
+const HOLD_COLUMNS: &str = "id, debit_account_id, credit_account_id, amount, expires_at, state";
+
+fn account_id(v: i64) -> anyhow::Result<AccountId> {
+    AccountId::new(v).with_context(|| format!("account id {v} in the database is not positive"))
+}
+
+fn transfer_id(v: Uuid) -> anyhow::Result<TransferId> {
+    TransferId::new(v.as_u128()).context("a transfer id in the database is zero")
+}
+
+fn account_row(r: &Row) -> anyhow::Result<AccountRow> {
+    let kind: i16 = r.get(1);
+    let status: i16 = r.get(2);
+    Ok(AccountRow {
+        account: Account {
+            id: account_id(r.get(0))?,
+            kind: AccountKind::from_code(kind)
+                .with_context(|| format!("unknown account kind {kind}"))?,
+            status: AccountStatus::from_code(status)
+                .with_context(|| format!("unknown account status {status}"))?,
+            debits_posted: Fen::new(r.get(3)),
+            credits_posted: Fen::new(r.get(4)),
+            debits_pending: Fen::new(r.get(5)),
+            credits_pending: Fen::new(r.get(6)),
+        },
+        name: r.get(7),
+        created_at: Timestamp(r.get(8)),
+    })
+}
+
+fn journal_entry(r: &Row) -> anyhow::Result<JournalEntry> {
+    let kind: i16 = r.get(4);
+    let pending: Option<Uuid> = r.get(5);
+    let pending = pending.map(transfer_id).transpose()?;
+    let timeout_s: i32 = r.get(6);
+    let result: i16 = r.get(9);
+    let timestamp = Timestamp(r.get(10));
+    Ok(JournalEntry {
+        seq: r.get(11),
+        record: TransferRecord {
+            transfer: Transfer {
+                id: transfer_id(r.get(0))?,
+                debit: account_id(r.get(1))?,
+                credit: account_id(r.get(2))?,
+                amount: Fen::new(r.get(3)),
+                kind: TransferKind::from_parts(kind, pending, u32::try_from(timeout_s)?)
+                    .with_context(|| format!("transfer kind {kind} does not fit its columns"))?,
+                linked: r.get(7),
+                code: u16::try_from(r.get::<_, i32>(8))?,
+            },
+            outcome: match result {
+                0 => Ok(timestamp),
+                code => Err(Rejection::from_code(code)
+                    .with_context(|| format!("unknown rejection code {code}"))?),
+            },
+            timestamp,
+        },
+    })
+}
+
+fn hold_row(r: &Row) -> anyhow::Result<PendingHold> {
+    let state: i16 = r.get(5);
+    Ok(PendingHold {
+        id: transfer_id(r.get(0))?,
+        debit: account_id(r.get(1))?,
+        credit: account_id(r.get(2))?,
+        amount: Fen::new(r.get(3)),
+        expires_at: Timestamp(r.get(4)),
+        state: HoldState::from_code(state)
+            .with_context(|| format!("unknown hold state {state}"))?,
+    })
+}

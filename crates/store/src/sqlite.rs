@@ -1,0 +1,714 @@
+//! SQLite backend: one writer thread owns the only write connection and commits groups of
+//! requests in one transaction (group commit); reads use a small pool of read connections,
+//! which WAL mode lets run beside the writer.
+//!
+//! Every write transaction starts with `BEGIN IMMEDIATE`, so a second onecard process on the
+//! same file waits (up to [`BUSY_TIMEOUT_MS`]) instead of failing halfway.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use ledger::{
+    Account, AccountId, AccountKind, AccountStatus, Fen, HoldState, Ledger, Outcome, PendingHold,
+    Rejection, Timestamp, Transfer, TransferId, TransferKind, TransferRecord,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rustc_hash::FxHashSet;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::check::{self, CheckReport, Dialect, Mismatch};
+use crate::migrate::{self, Migration};
+use crate::{
+    AccountRow, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError, StoreOptions,
+    TRANSFERS_PER_COMMIT_MAX,
+};
+
+/// How long a write waits for another process's write lock before failing.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Read connections kept open between reads.
+const READERS_IDLE_MAX: usize = 8;
+
+type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+enum Command {
+    Submit(SubmitRequest),
+    Write(WriteJob),
+}
+
+struct SubmitRequest {
+    transfers: Vec<Transfer>,
+    now: Timestamp,
+    reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Command>,
+    readers: Arc<ReaderPool>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let conn = self.idle.lock().expect("reader pool lock").pop();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .with_context(|| format!("opening {} for reading", self.path.display()))?;
+                c.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+                c
+            }
+        };
+        let result = f(&mut conn);
+        let mut idle = self.idle.lock().expect("reader pool lock");
+        if idle.len() < READERS_IDLE_MAX {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+fn open_writer(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path)
+        .with_context(|| format!("opening SQLite database {}", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        mode.eq_ignore_ascii_case("wal"),
+        "SQLite refused WAL mode (got {mode})"
+    );
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, options: &StoreOptions) -> anyhow::Result<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "the folder {} for the SQLite database does not exist (run `onecard init`)",
+                dir.display()
+            );
+        }
+        let conn = open_writer(path)?;
+        let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_DEPTH_MAX);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .context("starting the SQLite writer thread")?;
+        let store = SqliteStore {
+            path: path.to_owned(),
+            writer: tx,
+            readers: Arc::new(ReaderPool {
+                path: path.to_owned(),
+                idle: Mutex::new(Vec::new()),
+            }),
+        };
+        if options.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// Runs `f` on the writer thread, after what is queued before it.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        self.writer
+            .send(Command::Write(job))
+            .await
+            .map_err(|_| anyhow::anyhow!("the SQLite writer thread has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the SQLite writer thread dropped a request"))
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || pool.with(f))
+            .await
+            .context("read task panicked")?
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
+        self.write(|conn| {
+            ensure_migrations_table(conn)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let applied = applied(&tx)?;
+            let mut done = Vec::new();
+            for source in migrate::pending(migrate::SQLITE, &applied)? {
+                tx.execute_batch(source.sql).with_context(|| {
+                    format!("applying migration {} ({})", source.version, source.name)
+                })?;
+                let m = source.migration();
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (?1, ?2, ?3)",
+                    params![m.version, m.name, m.checksum],
+                )?;
+                done.push(m);
+            }
+            tx.commit()?;
+            Ok(done)
+        })
+        .await?
+    }
+
+    pub async fn applied_migrations(&self) -> anyhow::Result<Vec<Migration>> {
+        self.read(|conn| applied(conn)).await
+    }
+
+    pub async fn create_account(
+        &self,
+        kind: AccountKind,
+        name: Option<&str>,
+        now: Timestamp,
+    ) -> Result<AccountRow, StoreError> {
+        let name = name.map(str::to_owned);
+        self.write(move |conn| {
+            let taken = name.clone();
+            let result = conn.query_row(
+                "INSERT INTO accounts (kind, name, created_at) VALUES (?1, ?2, ?3) \
+                 RETURNING id, kind, status, debits_posted, credits_posted, debits_pending, \
+                 credits_pending, name, created_at",
+                params![kind.code(), name, now.0],
+                account_row,
+            );
+            match result {
+                Ok(row) => Ok(row),
+                Err(e) if is_unique_violation(&e) => {
+                    Err(StoreError::AccountNameTaken(taken.unwrap_or_default()))
+                }
+                Err(e) => Err(StoreError::Unexpected(e.into())),
+            }
+        })
+        .await?
+    }
+
+    pub async fn set_account_status(
+        &self,
+        id: AccountId,
+        status: AccountStatus,
+    ) -> Result<AccountRow, StoreError> {
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(anyhow::Error::from)?;
+            let row = tx
+                .query_row(
+                    &format!("{ACCOUNT_SELECT} WHERE id = ?1"),
+                    [id.get()],
+                    account_row,
+                )
+                .optional()
+                .map_err(anyhow::Error::from)?
+                .ok_or(StoreError::AccountNotFound(id))?;
+            let mut ledger = Ledger::new();
+            ledger.load_account(row.account);
+            ledger.set_status(id, status).map_err(StoreError::Invalid)?;
+            tx.execute(
+                "UPDATE accounts SET status = ?1 WHERE id = ?2",
+                params![status.code(), id.get()],
+            )
+            .map_err(anyhow::Error::from)?;
+            tx.commit().map_err(anyhow::Error::from)?;
+            Ok(AccountRow {
+                account: Account {
+                    status,
+                    ..row.account
+                },
+                ..row
+            })
+        })
+        .await?
+    }
+
+    pub async fn account(&self, id: AccountId) -> anyhow::Result<Option<AccountRow>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{ACCOUNT_SELECT} WHERE id = ?1"))?
+                .query_row([id.get()], account_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn account_by_name(&self, name: &str) -> anyhow::Result<Option<AccountRow>> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{ACCOUNT_SELECT} WHERE name = ?1"))?
+                .query_row([name], account_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn accounts(&self, after: i64, limit: u32) -> anyhow::Result<Vec<AccountRow>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{ACCOUNT_SELECT} WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit], account_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn submit(
+        &self,
+        transfers: Vec<Transfer>,
+        now: Timestamp,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Command::Submit(SubmitRequest {
+                transfers,
+                now,
+                reply,
+            }))
+            .await
+            .map_err(|_| anyhow::anyhow!("the SQLite writer thread has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the SQLite writer thread dropped a request"))?
+    }
+
+    pub async fn transfer(&self, id: TransferId) -> anyhow::Result<Option<JournalEntry>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{TRANSFER_SELECT} WHERE id = ?1"))?
+                .query_row([id.to_bytes()], journal_entry)
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn account_transfers(
+        &self,
+        id: AccountId,
+        before: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<JournalEntry>> {
+        self.read(move |conn| {
+            // Two index range scans merged: each side uses its own (account, seq) index.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT * FROM ( \
+                   SELECT * FROM ({TRANSFER_SELECT} WHERE debit_account_id = ?1 AND seq < ?2 \
+                                  ORDER BY seq DESC LIMIT ?3) \
+                   UNION \
+                   SELECT * FROM ({TRANSFER_SELECT} WHERE credit_account_id = ?1 AND seq < ?2 \
+                                  ORDER BY seq DESC LIMIT ?3) \
+                 ) ORDER BY seq DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![id.get(), before, limit], journal_entry)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn hold(&self, id: TransferId) -> anyhow::Result<Option<PendingHold>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{HOLD_SELECT} WHERE id = ?1"))?
+                .query_row([id.to_bytes()], hold_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn expire_holds(&self, now: Timestamp) -> anyhow::Result<usize> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut ledger = Ledger::new();
+            let holds: Vec<PendingHold> = tx
+                .prepare_cached(&format!(
+                    "{HOLD_SELECT} WHERE state = 0 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+                ))?
+                .query_map(params![now.0, EXPIRE_BATCH_MAX as i64], hold_row)?
+                .collect::<Result<_, _>>()?;
+            for h in &holds {
+                for id in [h.debit, h.credit] {
+                    if ledger.account(id).is_none() {
+                        let row = tx
+                            .prepare_cached(&format!("{ACCOUNT_SELECT} WHERE id = ?1"))?
+                            .query_row([id.get()], account_row)?;
+                        ledger.load_account(row.account);
+                    }
+                }
+                ledger.load_hold(*h);
+            }
+            let n = ledger.expire(now);
+            write_changes(&tx, ledger.take_changes())?;
+            tx.commit()?;
+            Ok(n)
+        })
+        .await?
+    }
+
+    pub async fn check(&self) -> anyhow::Result<CheckReport> {
+        self.read(|conn| {
+            // One read transaction: every query sees the same snapshot.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let mut report = tx
+                .query_row(check::totals_sql(), [], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .map_err(anyhow::Error::from)
+                .and_then(|(accounts, transfers, dp, cp, dh, ch)| {
+                    Ok(CheckReport {
+                        accounts,
+                        transfers,
+                        debits_posted_total: check::parse_total(&dp)?,
+                        credits_posted_total: check::parse_total(&cp)?,
+                        debits_pending_total: check::parse_total(&dh)?,
+                        credits_pending_total: check::parse_total(&ch)?,
+                        ..CheckReport::default()
+                    })
+                })?;
+            let mut stmt = tx.prepare(&check::mismatches_sql(Dialect::Sqlite))?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let id: i64 = r.get(0)?;
+                for (i, field) in [
+                    "debits_posted",
+                    "credits_posted",
+                    "debits_pending",
+                    "credits_pending",
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let (stored, recomputed): (i64, i64) = (r.get(1 + 2 * i)?, r.get(2 + 2 * i)?);
+                    if stored != recomputed {
+                        report.mismatches.push(Mismatch {
+                            account_id: id,
+                            field,
+                            stored,
+                            recomputed,
+                        });
+                    }
+                }
+            }
+            for sql in check::problems_sql(Dialect::Sqlite) {
+                let mut stmt = tx.prepare(&sql)?;
+                let found = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                for p in found {
+                    report.problems.push(p?);
+                }
+            }
+            Ok(report)
+        })
+        .await
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
+    let mut next: Option<Command> = None;
+    loop {
+        let command = match next.take() {
+            Some(c) => c,
+            None => match rx.blocking_recv() {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        match command {
+            Command::Write(job) => job(&mut conn),
+            Command::Submit(first) => {
+                // Group commit: take every submit already waiting, up to the limit.
+                let mut total = first.transfers.len();
+                let mut group = vec![first];
+                while total < TRANSFERS_PER_COMMIT_MAX {
+                    match rx.try_recv() {
+                        Ok(Command::Submit(r)) => {
+                            total += r.transfers.len();
+                            group.push(r);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match commit_group(&mut conn, &group) {
+                    Ok(all) => {
+                        for (request, outcomes) in group.into_iter().zip(all) {
+                            let _ = request.reply.send(Ok(outcomes));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = ?e, "group commit failed; nothing was written");
+                        let message = format!("{e:#}");
+                        for request in group {
+                            let _ =
+                                request
+                                    .reply
+                                    .send(Err(StoreError::Unexpected(anyhow::anyhow!(
+                                        "group commit failed: {message}"
+                                    ))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn commit_group(
+    conn: &mut Connection,
+    group: &[SubmitRequest],
+) -> anyhow::Result<Vec<Vec<Outcome>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut ledger = Ledger::new();
+    {
+        let mut seen_accounts = FxHashSet::default();
+        let mut seen_ids = FxHashSet::default();
+        let mut seen_holds = FxHashSet::default();
+        let mut account_stmt = tx.prepare_cached(&format!("{ACCOUNT_SELECT} WHERE id = ?1"))?;
+        let mut record_stmt = tx.prepare_cached(&format!("{TRANSFER_SELECT} WHERE id = ?1"))?;
+        let mut hold_stmt = tx.prepare_cached(&format!("{HOLD_SELECT} WHERE id = ?1"))?;
+        for t in group.iter().flat_map(|r| &r.transfers) {
+            for id in [t.debit, t.credit] {
+                if seen_accounts.insert(id) {
+                    if let Some(row) = account_stmt.query_row([id.get()], account_row).optional()? {
+                        ledger.load_account(row.account);
+                    }
+                }
+            }
+            if seen_ids.insert(t.id) {
+                if let Some(e) = record_stmt
+                    .query_row([t.id.to_bytes()], journal_entry)
+                    .optional()?
+                {
+                    ledger.load_record(e.record);
+                }
+            }
+            if let Some(p) = t.kind.pending_id() {
+                if seen_holds.insert(p) {
+                    if let Some(h) = hold_stmt.query_row([p.to_bytes()], hold_row).optional()? {
+                        ledger.load_hold(h);
+                    }
+                }
+            }
+        }
+    }
+    let outcomes: Vec<Vec<Outcome>> = group
+        .iter()
+        .map(|r| ledger.apply_batch(&r.transfers, r.now))
+        .collect();
+    write_changes(&tx, ledger.take_changes())?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> anyhow::Result<()> {
+    let mut update = tx.prepare_cached(
+        "UPDATE accounts SET status = ?2, debits_posted = ?3, credits_posted = ?4, \
+         debits_pending = ?5, credits_pending = ?6 WHERE id = ?1",
+    )?;
+    for a in &changes.accounts {
+        let n = update.execute(params![
+            a.id.get(),
+            a.status.code(),
+            a.debits_posted.get(),
+            a.credits_posted.get(),
+            a.debits_pending.get(),
+            a.credits_pending.get()
+        ])?;
+        anyhow::ensure!(n == 1, "account {} vanished during a commit", a.id);
+    }
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
+         timeout_s, linked, code, result, timestamp) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for r in &changes.records {
+        let t = &r.transfer;
+        insert.execute(params![
+            t.id.to_bytes(),
+            t.debit.get(),
+            t.credit.get(),
+            t.amount.get(),
+            t.kind.code(),
+            t.kind.pending_id().map(TransferId::to_bytes),
+            t.kind.timeout_s(),
+            t.linked,
+            t.code,
+            result_code(r.outcome),
+            r.timestamp.0
+        ])?;
+    }
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO holds (id, debit_account_id, credit_account_id, amount, expires_at, state) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+    )?;
+    for h in &changes.holds {
+        upsert.execute(params![
+            h.id.to_bytes(),
+            h.debit.get(),
+            h.credit.get(),
+            h.amount.get(),
+            h.expires_at.0,
+            h.state.code()
+        ])?;
+    }
+    Ok(())
+}
+
+fn ensure_migrations_table(conn: &mut Connection) -> anyhow::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ( \
+           version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, \
+           applied_at TEXT NOT NULL DEFAULT (datetime('now')))",
+    )?;
+    Ok(())
+}
+
+fn applied(conn: &Connection) -> anyhow::Result<Vec<Migration>> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut stmt =
+        conn.prepare("SELECT version, name, checksum FROM schema_migrations ORDER BY version")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Migration {
+            version: r.get(0)?,
+            name: r.get(1)?,
+            checksum: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub(crate) fn result_code(outcome: Outcome) -> i16 {
+    match outcome {
+        Ok(_) => 0,
+        Err(r) => r.code(),
+    }
+}
+
+const ACCOUNT_SELECT: &str = "SELECT id, kind, status, debits_posted, credits_posted, \
+    debits_pending, credits_pending, name, created_at FROM accounts";
+const TRANSFER_SELECT: &str = "SELECT id, debit_account_id, credit_account_id, amount, kind, \
+    pending_id, timeout_s, linked, code, result, timestamp, seq FROM transfers";
+const HOLD_SELECT: &str = "SELECT id, debit_account_id, credit_account_id, amount, expires_at, \
+    state FROM holds";
+
+fn bad(column: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Integer, what.into())
+}
+
+fn account_id(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<AccountId> {
+    let v: i64 = r.get(i)?;
+    AccountId::new(v).ok_or_else(|| bad(i, format!("account id {v} is not positive")))
+}
+
+fn transfer_id(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<TransferId> {
+    let v: [u8; 16] = r.get(i)?;
+    TransferId::from_bytes(v).ok_or_else(|| bad(i, "transfer id is zero".into()))
+}
+
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRow> {
+    let kind: i16 = r.get(1)?;
+    let status: i16 = r.get(2)?;
+    Ok(AccountRow {
+        account: Account {
+            id: account_id(r, 0)?,
+            kind: AccountKind::from_code(kind)
+                .ok_or_else(|| bad(1, format!("unknown account kind {kind}")))?,
+            status: AccountStatus::from_code(status)
+                .ok_or_else(|| bad(2, format!("unknown account status {status}")))?,
+            debits_posted: Fen::new(r.get(3)?),
+            credits_posted: Fen::new(r.get(4)?),
+            debits_pending: Fen::new(r.get(5)?),
+            credits_pending: Fen::new(r.get(6)?),
+        },
+        name: r.get(7)?,
+        created_at: Timestamp(r.get(8)?),
+    })
+}
+
+fn journal_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<JournalEntry> {
+    let kind: i16 = r.get(4)?;
+    let pending: Option<[u8; 16]> = r.get(5)?;
+    let pending = pending.and_then(TransferId::from_bytes);
+    let timeout_s: u32 = r.get(6)?;
+    let result: i16 = r.get(9)?;
+    let timestamp = Timestamp(r.get(10)?);
+    Ok(JournalEntry {
+        seq: r.get(11)?,
+        record: TransferRecord {
+            transfer: Transfer {
+                id: transfer_id(r, 0)?,
+                debit: account_id(r, 1)?,
+                credit: account_id(r, 2)?,
+                amount: Fen::new(r.get(3)?),
+                kind: TransferKind::from_parts(kind, pending, timeout_s).ok_or_else(|| {
+                    bad(4, format!("transfer kind {kind} does not fit its columns"))
+                })?,
+                linked: r.get(7)?,
+                code: r.get(8)?,
+            },
+            outcome: match result {
+                0 => Ok(timestamp),
+                code => Err(Rejection::from_code(code)
+                    .ok_or_else(|| bad(9, format!("unknown rejection code {code}")))?),
+            },
+            timestamp,
+        },
+    })
+}
+
+fn hold_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingHold> {
+    let state: i16 = r.get(5)?;
+    Ok(PendingHold {
+        id: transfer_id(r, 0)?,
+        debit: account_id(r, 1)?,
+        credit: account_id(r, 2)?,
+        amount: Fen::new(r.get(3)?),
+        expires_at: Timestamp(r.get(4)?),
+        state: HoldState::from_code(state)
+            .ok_or_else(|| bad(5, format!("unknown hold state {state}")))?,
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}

@@ -1,0 +1,129 @@
+//! Database URLs: which backend, and where.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// Where the data lives. Parsed from `sqlite:PATH`, `sqlite://PATH` or `postgres://...`
+/// (`postgresql://...`). The PostgreSQL URL may carry a password, so it is kept secret and
+/// printed without it.
+#[derive(Clone)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(SecretString),
+}
+
+/// Why a text is not a database URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid database URL {shown}: {reason}")]
+pub struct UrlError {
+    /// The URL with any password replaced.
+    pub shown: String,
+    pub reason: String,
+}
+
+impl DatabaseUrl {
+    pub fn parse(text: &str) -> Result<DatabaseUrl, UrlError> {
+        let err = |reason: &str| UrlError {
+            shown: redact(text),
+            reason: reason.to_owned(),
+        };
+        let t = text.trim();
+        if let Some(rest) = t.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(err(
+                    "no file path after sqlite: (try sqlite:onecard-data/onecard.db)",
+                ));
+            }
+            if path == ":memory:" {
+                return Err(err(
+                    "an in-memory SQLite database loses every fen at exit; name a file",
+                ));
+            }
+            return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+        }
+        if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+            t.parse::<tokio_postgres::Config>()
+                .map_err(|e| err(&e.to_string()))?;
+            return Ok(DatabaseUrl::Postgres(SecretString::from(t.to_owned())));
+        }
+        Err(err(
+            "expected sqlite:PATH or postgres://USER@HOST:PORT/DATABASE",
+        ))
+    }
+
+    pub(crate) fn postgres_config(&self) -> Option<tokio_postgres::Config> {
+        match self {
+            DatabaseUrl::Postgres(url) => url.expose_secret().parse().ok(),
+            DatabaseUrl::Sqlite(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            DatabaseUrl::Postgres(url) => f.write_str(&redact(url.expose_secret())),
+        }
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_backends() {
+        assert!(
+            matches!(DatabaseUrl::parse("sqlite:data/x.db"), Ok(DatabaseUrl::Sqlite(p)) if p == PathBuf::from("data/x.db"))
+        );
+        assert!(
+            matches!(DatabaseUrl::parse("sqlite:///tmp/x.db"), Ok(DatabaseUrl::Sqlite(p)) if p == PathBuf::from("/tmp/x.db"))
+        );
+        assert!(matches!(
+            DatabaseUrl::parse("postgres://postgres@127.0.0.1:5432/postgres"),
+            Ok(DatabaseUrl::Postgres(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_urls_say_why_and_hide_passwords() {
+        for bad in [
+            "",
+            "mysql://x",
+            "sqlite:",
+            "sqlite::memory:",
+            "postgres://u:pw@h:notaport/db",
+        ] {
+            let e = DatabaseUrl::parse(bad).unwrap_err();
+            assert!(!e.to_string().contains("pw@"), "{e}");
+            assert!(!e.reason.is_empty());
+        }
+        let url = DatabaseUrl::parse("postgres://u:secret@h/db").unwrap();
+        assert_eq!(url.to_string(), "postgres://u:***@h/db");
+        assert!(!format!("{url:?}").contains("secret"));
+    }
+}
