@@ -57,6 +57,10 @@ pub struct Ledger {
     records: FxHashMap<TransferId, TransferRecord>,
     holds: FxHashMap<TransferId, Slot<PendingHold>>,
     new_records: Vec<TransferRecord>,
+    /// Accounts and holds marked dirty since the last `take_changes`, each once: collecting
+    /// changes costs what changed, not what was loaded.
+    dirty_accounts: Vec<AccountId>,
+    dirty_holds: Vec<TransferId>,
 }
 
 impl std::fmt::Debug for Undo {
@@ -68,6 +72,28 @@ impl std::fmt::Debug for Undo {
 impl Ledger {
     pub fn new() -> Ledger {
         Ledger::default()
+    }
+
+    /// A ledger sized for a batch naming about `accounts` accounts and `transfers` transfers.
+    pub fn with_capacity(accounts: usize, transfers: usize) -> Ledger {
+        Ledger {
+            accounts: FxHashMap::with_capacity_and_hasher(accounts, Default::default()),
+            records: FxHashMap::with_capacity_and_hasher(transfers, Default::default()),
+            new_records: Vec::with_capacity(transfers),
+            dirty_accounts: Vec::with_capacity(accounts),
+            ..Ledger::default()
+        }
+    }
+
+    /// Forgets everything, keeping the memory: a writer reuses one ledger for every group
+    /// instead of allocating (and page-faulting) fresh maps each time.
+    pub fn clear(&mut self) {
+        self.accounts.clear();
+        self.records.clear();
+        self.holds.clear();
+        self.new_records.clear();
+        self.dirty_accounts.clear();
+        self.dirty_holds.clear();
     }
 
     /// Loads an account as it stands in the store (not a change).
@@ -106,6 +132,7 @@ impl Ledger {
                 dirty: true,
             },
         );
+        self.dirty_accounts.push(account.id);
     }
 
     /// Changes an account's status. Closing needs an empty account.
@@ -123,7 +150,9 @@ impl Ledger {
             ));
         }
         slot.value.status = status;
-        slot.dirty = true;
+        if !std::mem::replace(&mut slot.dirty, true) {
+            self.dirty_accounts.push(id);
+        }
         Ok(())
     }
 
@@ -149,23 +178,23 @@ impl Ledger {
 
     /// Takes what changed since the last call, clearing the change marks.
     pub fn take_changes(&mut self) -> Changes {
-        let mut accounts: Vec<Account> = self
-            .accounts
-            .values_mut()
-            .filter(|s| s.dirty)
-            .map(|s| {
-                s.dirty = false;
-                s.value
+        let mut accounts: Vec<Account> = std::mem::take(&mut self.dirty_accounts)
+            .into_iter()
+            .filter_map(|id| {
+                let slot = self.accounts.get_mut(&id).filter(|s| s.dirty)?;
+                slot.dirty = false;
+                Some(slot.value)
             })
             .collect();
         accounts.sort_unstable_by_key(|a| a.id);
-        let mut holds: Vec<PendingHold> = self
-            .holds
-            .values_mut()
-            .filter(|s| s.dirty)
-            .map(|s| {
-                s.dirty = false;
-                s.value
+        let mut holds: Vec<PendingHold> = std::mem::take(&mut self.dirty_holds)
+            .into_iter()
+            .filter_map(|id| {
+                // A hold created and rolled back in a failed chain is gone: nothing to write.
+                // The filter also drops a second mark of a hold re-created in the same batch.
+                let slot = self.holds.get_mut(&id).filter(|s| s.dirty)?;
+                slot.dirty = false;
+                Some(slot.value)
             })
             .collect();
         holds.sort_unstable_by_key(|h| h.id);
@@ -228,11 +257,15 @@ impl Ledger {
                 *sum = sum
                     .checked_sub(hold.amount)
                     .expect("a hold is within its account's sums");
-                slot.dirty = true;
+                if !std::mem::replace(&mut slot.dirty, true) {
+                    self.dirty_accounts.push(id);
+                }
             }
             let slot = self.holds.get_mut(&hold.id).expect("hold was just read");
             slot.value.state = HoldState::Expired;
-            slot.dirty = true;
+            if !std::mem::replace(&mut slot.dirty, true) {
+                self.dirty_holds.push(hold.id);
+            }
         }
         due.len()
     }
@@ -336,10 +369,10 @@ impl Ledger {
         if t.kind.pending_id() == Some(t.id) {
             return Err(Rejection::PendingIdMustBeDifferent);
         }
-        if let TransferKind::Pending { timeout_s } = t.kind {
-            if timeout_s == 0 || timeout_s > TIMEOUT_S_MAX {
-                return Err(Rejection::TimeoutOutOfRange);
-            }
+        if let TransferKind::Pending { timeout_s } = t.kind
+            && (timeout_s == 0 || timeout_s > TIMEOUT_S_MAX)
+        {
+            return Err(Rejection::TimeoutOutOfRange);
         }
         let mut debit = self
             .accounts
@@ -444,7 +477,9 @@ impl Ledger {
                 undo.push(Undo::Account(slot.value));
             }
             slot.value = account;
-            slot.dirty = true;
+            if !std::mem::replace(&mut slot.dirty, true) {
+                self.dirty_accounts.push(account.id);
+            }
         }
         if let Some(hold) = effect.hold {
             let old = self.holds.insert(
@@ -454,6 +489,9 @@ impl Ledger {
                     dirty: true,
                 },
             );
+            if !old.as_ref().is_some_and(|s| s.dirty) {
+                self.dirty_holds.push(hold.id);
+            }
             if let Some(undo) = undo {
                 undo.push(Undo::Hold(hold.id, old.map(|s| s.value)));
             }

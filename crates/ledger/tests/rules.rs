@@ -456,7 +456,7 @@ fn changes_list_a_hot_account_once() {
     let batch: Vec<Transfer> = (0..100)
         .map(|i| t(100 + i, if i % 2 == 0 { ALICE } else { BANK }, CANTEEN, 1))
         .collect();
-    check(&mut l, &batch, &vec![Ok(()); 100]);
+    check(&mut l, &batch, &[Ok(()); 100]);
     let changes = l.take_changes();
     assert_eq!(changes.records.len(), 100);
     let ids: Vec<i64> = changes.accounts.iter().map(|a| a.id.get()).collect();

@@ -1,1 +1,509 @@
-fn main() {}
+//! The `onecard` binary: command line, configuration and wiring. Every command is a thin
+//! adapter over `app`; nothing here decides a business rule.
+
+mod bench;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use app::{App, SystemClock};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use config::{Config, Overrides};
+use ledger::{AccountId, AccountKind, AccountStatus, Fen, Transfer, TransferId, TransferKind};
+use store::{DatabaseUrl, Store, StoreOptions};
+
+/// How often `serve` releases expired holds.
+const HOLD_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// Cardholders the demo creates by default.
+const DEMO_CARDHOLDERS_DEFAULT: usize = 2_000;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "onecard",
+    version,
+    about = "onecard: an open campus and city card platform"
+)]
+struct Cli {
+    /// Configuration file (TOML). Default: ./onecard.toml if it exists.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory; the SQLite database lives here unless --database-url says otherwise.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// sqlite:PATH or postgres://USER@HOST:PORT/DATABASE.
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the data directory and the database, and apply migrations.
+    Init,
+    /// Apply database migrations that are not applied yet.
+    Migrate,
+    /// Recompute every balance from its postings; exit 1 and name the accounts if any is off.
+    DbCheck {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the HTTP server (/healthz, /api/v1).
+    Serve(ServeArgs),
+    /// Fill the database with a demo campus (if empty), then serve it.
+    Demo {
+        #[arg(long, default_value_t = DEMO_CARDHOLDERS_DEFAULT)]
+        cardholders: usize,
+        /// Seed the data and exit.
+        #[arg(long)]
+        no_serve: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Ledger accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Ledger transfers.
+    #[command(subcommand)]
+    Transfer(TransferCommand),
+    /// Measure performance; prints the figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Create an account.
+    Create {
+        #[arg(long, value_parser = parse_kind)]
+        kind: AccountKind,
+        /// A unique name, for system accounts ("bank:icbc").
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show an account and its balances.
+    Show {
+        #[arg(value_parser = parse_account)]
+        id: AccountId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List accounts in id order.
+    List {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Refuse debits (credits still arrive).
+    Freeze {
+        #[arg(value_parser = parse_account)]
+        id: AccountId,
+    },
+    Unfreeze {
+        #[arg(value_parser = parse_account)]
+        id: AccountId,
+    },
+    /// Close an empty account for good.
+    Close {
+        #[arg(value_parser = parse_account)]
+        id: AccountId,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TransferCommand {
+    /// Apply one transfer. Retrying with the same --id and body is safe.
+    Create {
+        /// The transfer's id (a UUID you choose; it is the idempotency key).
+        #[arg(long, value_parser = parse_id)]
+        id: TransferId,
+        #[arg(long, value_parser = parse_account)]
+        debit: AccountId,
+        #[arg(long, value_parser = parse_account)]
+        credit: AccountId,
+        /// Whole fen (100 fen = 1 yuan).
+        #[arg(long, value_parser = parse_fen, allow_hyphen_values = true)]
+        amount: Fen,
+        #[arg(long, default_value_t = 0)]
+        code: u16,
+        /// Hold the amount for this many seconds instead of posting it.
+        #[arg(long, value_name = "SECONDS", conflicts_with_all = ["post", "void"])]
+        hold: Option<u32>,
+        /// Post a hold (all or part of it).
+        #[arg(long, value_name = "HOLD_ID", value_parser = parse_id, conflicts_with = "void")]
+        post: Option<TransferId>,
+        /// Release a hold.
+        #[arg(long, value_name = "HOLD_ID", value_parser = parse_id)]
+        void: Option<TransferId>,
+    },
+    /// Show a stored transfer and its answer.
+    Show {
+        #[arg(value_parser = parse_id)]
+        id: TransferId,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Ledger throughput: the pure apply step, and the store on SQLite and PostgreSQL.
+    Ledger(bench::LedgerArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendChoice {
+    Sqlite,
+    Postgres,
+    All,
+}
+
+fn parse_kind(s: &str) -> Result<AccountKind, String> {
+    s.parse()
+}
+
+fn parse_account(s: &str) -> Result<AccountId, String> {
+    s.parse()
+}
+
+fn parse_id(s: &str) -> Result<TransferId, String> {
+    s.parse().map_err(|e: ledger::ParseIdError| e.to_string())
+}
+
+fn parse_fen(s: &str) -> Result<Fen, String> {
+    s.parse().map_err(|e: ledger::ParseFenError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let listen = match &cli.command {
+        Command::Serve(a) | Command::Demo { serve: a, .. } => a.listen.clone(),
+        _ => None,
+    };
+    let config = Config::load(Overrides {
+        config_file: cli.config,
+        data_dir: cli.data_dir,
+        database_url: cli.database_url,
+        http_listen: listen,
+    })?;
+    init_logging(&config.log_filter);
+    match cli.command {
+        Command::Init => {
+            let store = open(&config, true).await?;
+            let version = store.applied_migrations().await?.last().map(|m| m.version);
+            println!(
+                "initialised {} (data directory {}, schema version {})",
+                config.database_url,
+                config.data_dir.display(),
+                version.unwrap_or(0)
+            );
+        }
+        Command::Migrate => {
+            let store = open_with(
+                &config,
+                StoreOptions {
+                    migrate: false,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await?;
+            let applied = store.migrate().await?;
+            if applied.is_empty() {
+                println!("{}: schema is up to date", config.database_url);
+            }
+            for m in applied {
+                println!("applied migration {} ({})", m.version, m.name);
+            }
+        }
+        Command::DbCheck { json } => {
+            let store = open(&config, false).await?;
+            let report = store.check().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": report.is_ok(),
+                        "accounts": report.accounts,
+                        "transfers": report.transfers,
+                        "debits_posted_total": report.debits_posted_total.to_string(),
+                        "credits_posted_total": report.credits_posted_total.to_string(),
+                        "bad_accounts": report.bad_accounts(),
+                        "mismatches": report.mismatches.iter().map(|m| serde_json::json!({
+                            "account_id": m.account_id, "field": m.field,
+                            "stored": m.stored, "recomputed": m.recomputed,
+                        })).collect::<Vec<_>>(),
+                        "problems": report.problems,
+                    })
+                );
+            } else {
+                println!("{report}");
+            }
+            if !report.is_ok() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Serve(_) => {
+            let store = open(&config, true).await?;
+            serve(&config, app(store)).await?;
+        }
+        Command::Demo {
+            cardholders,
+            no_serve,
+            ..
+        } => {
+            let store = open(&config, true).await?;
+            let app = app(store);
+            let started = std::time::Instant::now();
+            let summary = app::demo::seed(&app, cardholders).await?;
+            if summary.created {
+                println!(
+                    "demo campus created in {}: {} accounts, {} transfers ({:.1} s)",
+                    config.database_url,
+                    summary.accounts,
+                    summary.transfers,
+                    started.elapsed().as_secs_f64()
+                );
+            } else {
+                println!("demo campus already present in {}", config.database_url);
+            }
+            if !no_serve {
+                serve(&config, app).await?;
+            }
+        }
+        Command::Account(cmd) => return account(&config, cmd).await,
+        Command::Transfer(cmd) => return transfer(&config, cmd).await,
+        Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn app(store: Store) -> App {
+    App::new(store, Arc::new(SystemClock))
+}
+
+/// Opens the configured database. With `create`, a missing SQLite data directory is made;
+/// without it, a missing one is an error that says to run `onecard init`.
+async fn open(config: &Config, create: bool) -> anyhow::Result<Store> {
+    open_with(config, StoreOptions::default(), create).await
+}
+
+async fn open_with(config: &Config, options: StoreOptions, create: bool) -> anyhow::Result<Store> {
+    if let DatabaseUrl::Sqlite(path) = &config.database_url {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir
+            && create
+        {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        }
+        anyhow::ensure!(
+            create || path.exists(),
+            "no database at {}: run `onecard init` first (or pass --data-dir / --database-url)",
+            path.display()
+        );
+    }
+    Store::open(&config.database_url, options).await
+}
+
+async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("listening on {}", config.http_listen))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "onecard serving {} on http://{addr} (Ctrl-C stops)",
+        config.database_url
+    );
+    let sweeper = app.clone();
+    let sweep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(HOLD_SWEEP_INTERVAL_MS));
+        loop {
+            tick.tick().await;
+            match sweeper.expire_holds().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(released = n, "expired holds released"),
+                Err(e) => tracing::warn!(error = ?e, "expiring holds failed; will retry"),
+            }
+        }
+    });
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = web::serve(listener, app, shutdown).await;
+    sweep.abort();
+    result
+}
+
+async fn account(config: &Config, cmd: AccountCommand) -> anyhow::Result<ExitCode> {
+    let app = app(open(config, false).await?);
+    let status_change = |id, status| (id, status);
+    let (id, status) = match cmd {
+        AccountCommand::Create { kind, name } => {
+            let row = app.create_account(kind, name.as_deref()).await?;
+            println!("created account {} ({})", row.account.id, kind.name());
+            return Ok(ExitCode::SUCCESS);
+        }
+        AccountCommand::Show { id, json } => {
+            let Some(row) = app.account(id).await? else {
+                eprintln!("error: no account {id}");
+                return Ok(ExitCode::FAILURE);
+            };
+            let a = row.account;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": a.id.get(), "kind": a.kind.name(), "status": a.status.name(),
+                        "name": row.name, "balance_fen": a.balance().get(),
+                        "available_fen": a.available().get(),
+                        "debits_posted_fen": a.debits_posted.get(), "credits_posted_fen": a.credits_posted.get(),
+                        "debits_pending_fen": a.debits_pending.get(), "credits_pending_fen": a.credits_pending.get(),
+                    })
+                );
+            } else {
+                println!("account    {}", a.id);
+                println!("kind       {}", a.kind.name());
+                println!("status     {}", a.status.name());
+                println!("name       {}", row.name.as_deref().unwrap_or("-"));
+                println!(
+                    "balance    {} yuan ({} fen)",
+                    a.balance(),
+                    a.balance().get()
+                );
+                println!("available  {} yuan", a.available());
+                println!(
+                    "held       {} yuan out, {} yuan in",
+                    a.debits_pending, a.credits_pending
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        AccountCommand::List { after, limit } => {
+            for row in app.accounts(after, limit).await? {
+                let a = row.account;
+                println!(
+                    "{:>8}  {:<18} {:<7} {:>16}  {}",
+                    a.id,
+                    a.kind.name(),
+                    a.status.name(),
+                    a.balance().to_string(),
+                    row.name.unwrap_or_default()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        AccountCommand::Freeze { id } => status_change(id, AccountStatus::Frozen),
+        AccountCommand::Unfreeze { id } => status_change(id, AccountStatus::Open),
+        AccountCommand::Close { id } => status_change(id, AccountStatus::Closed),
+    };
+    let row = app.set_account_status(id, status).await?;
+    println!(
+        "account {} is {}",
+        row.account.id,
+        row.account.status.name()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn transfer(config: &Config, cmd: TransferCommand) -> anyhow::Result<ExitCode> {
+    let app = app(open(config, false).await?);
+    match cmd {
+        TransferCommand::Create {
+            id,
+            debit,
+            credit,
+            amount,
+            code,
+            hold,
+            post,
+            void,
+        } => {
+            let kind = match (hold, post, void) {
+                (Some(timeout_s), _, _) => TransferKind::Pending { timeout_s },
+                (_, Some(pending_id), _) => TransferKind::Post { pending_id },
+                (_, _, Some(pending_id)) => TransferKind::Void { pending_id },
+                _ => TransferKind::Single,
+            };
+            let t = Transfer {
+                id,
+                debit,
+                credit,
+                amount,
+                kind,
+                linked: false,
+                code,
+            };
+            let outcome = app.submit(vec![t]).await?.pop().context("no answer")?;
+            match outcome {
+                Ok(at) => {
+                    println!("transfer {id} applied at {} ms", at.0);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(r) => {
+                    eprintln!("transfer {id} rejected: {} ({})", r.message(), r.name());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        TransferCommand::Show { id } => {
+            let Some(e) = app.transfer(id).await? else {
+                eprintln!("error: no transfer {id}");
+                return Ok(ExitCode::FAILURE);
+            };
+            let t = e.record.transfer;
+            println!("transfer   {}", t.id);
+            println!("kind       {}", t.kind.name());
+            println!("debit      {}", t.debit);
+            println!("credit     {}", t.credit);
+            println!("amount     {} yuan ({} fen)", t.amount, t.amount.get());
+            if let Some(p) = t.kind.pending_id() {
+                println!("hold       {p}");
+            }
+            match e.record.outcome {
+                Ok(at) => println!("result     applied at {} ms", at.0),
+                Err(r) => println!("result     rejected: {} ({})", r.message(), r.name()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -36,10 +36,58 @@ pub const TRANSFERS_PER_REQUEST_MAX: usize = 8_190;
 pub const TRANSFERS_PER_COMMIT_MAX: usize = 16_380;
 /// Most submit requests waiting for the writer before callers wait for room.
 pub const SUBMIT_QUEUE_DEPTH_MAX: usize = 4_096;
+/// Most accounts one [`Store::create_accounts`] call may create.
+pub const ACCOUNTS_PER_REQUEST_MAX: usize = 100_000;
 /// Most rows one listing returns.
 pub const LIST_LIMIT_MAX: u32 = 1_000;
 /// Most holds one expiry sweep releases.
 pub const EXPIRE_BATCH_MAX: usize = 10_000;
+
+/// Creates an empty database `name` on the PostgreSQL server of `server` (dropping one of that
+/// name first) and returns its URL. For benchmarks and tests that need a scratch database.
+pub async fn create_scratch_database(
+    server: &DatabaseUrl,
+    name: &str,
+) -> anyhow::Result<DatabaseUrl> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "scratch database name {name:?} must be lowercase letters, digits and _"
+    );
+    pg::admin(
+        server,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"),
+    )
+    .await?;
+    server
+        .with_database(name)
+        .ok_or_else(|| anyhow::anyhow!("{server} is not a PostgreSQL URL"))
+}
+
+/// Drops a database made by [`create_scratch_database`].
+pub async fn drop_scratch_database(server: &DatabaseUrl, name: &str) -> anyhow::Result<()> {
+    pg::admin(
+        server,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    )
+    .await
+}
+
+/// Most bytes in an account name.
+pub const ACCOUNT_NAME_BYTES_MAX: usize = 200;
+
+fn check_name(name: Option<&str>) -> Result<(), StoreError> {
+    match name {
+        Some(n) if n.trim().is_empty() || n.len() > ACCOUNT_NAME_BYTES_MAX => {
+            Err(StoreError::Invalid(format!(
+                "account name {n:?} must be 1 to {ACCOUNT_NAME_BYTES_MAX} bytes and not blank"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Errors of the store. Rejections of transfers are not errors: they are answers.
 #[derive(Debug, thiserror::Error)]
@@ -140,16 +188,31 @@ impl Store {
         name: Option<&str>,
         now: Timestamp,
     ) -> Result<AccountRow, StoreError> {
-        if let Some(n) = name {
-            if n.trim().is_empty() || n.len() > 200 {
-                return Err(StoreError::Invalid(format!(
-                    "account name {n:?} must be 1 to 200 bytes and not blank"
-                )));
-            }
-        }
+        check_name(name)?;
         match self {
             Store::Sqlite(s) => s.create_account(kind, name, now).await,
             Store::Postgres(s) => s.create_account(kind, name, now).await,
+        }
+    }
+
+    /// Creates several accounts in one transaction: all or none. Returns them in order.
+    pub async fn create_accounts(
+        &self,
+        new: Vec<(AccountKind, Option<String>)>,
+        now: Timestamp,
+    ) -> Result<Vec<AccountRow>, StoreError> {
+        for (_, name) in &new {
+            check_name(name.as_deref())?;
+        }
+        if new.len() > ACCOUNTS_PER_REQUEST_MAX {
+            return Err(StoreError::Invalid(format!(
+                "{} accounts in one request; at most {ACCOUNTS_PER_REQUEST_MAX}",
+                new.len()
+            )));
+        }
+        match self {
+            Store::Sqlite(s) => s.create_accounts(new, now).await,
+            Store::Postgres(s) => s.create_accounts(new, now).await,
         }
     }
 

@@ -3,8 +3,9 @@
 //!
 //! A group locks its account rows `FOR UPDATE` in ascending id order, then its holds in
 //! ascending id order, so two groups (from this process or another) never deadlock; a hot
-//! account is written once per group by one `UPDATE ... FROM unnest(...)`. Statements of one
-//! group are pipelined on one connection.
+//! account is written once per group by one `UPDATE ... FROM unnest(...)`. A group's statements
+//! are awaited one after the other: joined futures may be sent in any order, which would break
+//! the lock order and the foreign key from holds to transfers.
 
 use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -32,7 +33,7 @@ use crate::{
 /// How often a group is retried when another process inserted one of its ids first.
 const UNIQUE_RETRIES_MAX: usize = 3;
 /// Serialises migrations across processes.
-const MIGRATION_LOCK_KEY: i64 = 0x6f6e_6563_6172_64;
+const MIGRATION_LOCK_KEY: i64 = 0x006f_6e65_6361_7264; // "onecard" in ASCII
 
 struct SubmitRequest {
     transfers: Vec<Transfer>,
@@ -172,6 +173,46 @@ impl PgStore {
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(
                 StoreError::AccountNameTaken(name.unwrap_or_default().to_owned()),
             ),
+            Err(e) => Err(StoreError::Unexpected(db_err(e))),
+        }
+    }
+
+    pub async fn create_accounts(
+        &self,
+        new: Vec<(AccountKind, Option<String>)>,
+        now: Timestamp,
+    ) -> Result<Vec<AccountRow>, StoreError> {
+        let kinds: Vec<i16> = new.iter().map(|(k, _)| k.code()).collect();
+        let names: Vec<Option<&str>> = new.iter().map(|(_, n)| n.as_deref()).collect();
+        let client = self.client().await?;
+        // WITH ORDINALITY keeps the rows in the order asked for.
+        let result = client
+            .query(
+                &format!(
+                    "WITH input AS ( \
+                       SELECT kind, name, ord FROM unnest($1::smallint[], $2::text[]) \
+                       WITH ORDINALITY AS u(kind, name, ord)), \
+                     ins AS ( \
+                       INSERT INTO accounts (kind, name, created_at) \
+                       SELECT kind, name, $3 FROM input ORDER BY ord RETURNING {ACCOUNT_COLUMNS}) \
+                     SELECT {ACCOUNT_COLUMNS} FROM ins ORDER BY id"
+                ),
+                &[&kinds, &names, &now.0],
+            )
+            .await;
+        match result {
+            Ok(rows) => Ok(rows
+                .iter()
+                .map(account_row)
+                .collect::<anyhow::Result<_>>()?),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                let detail = e
+                    .as_db_error()
+                    .and_then(|d| d.detail())
+                    .unwrap_or("")
+                    .to_owned();
+                Err(StoreError::AccountNameTaken(detail))
+            }
             Err(e) => Err(StoreError::Unexpected(db_err(e))),
         }
     }
@@ -434,7 +475,29 @@ impl PgStore {
     }
 }
 
+/// Runs statements that cannot run in a transaction (CREATE/DROP DATABASE), one at a time.
+pub(crate) async fn admin(server: &DatabaseUrl, statements: &str) -> anyhow::Result<()> {
+    let config = server.postgres_config().context("not a PostgreSQL URL")?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let task = tokio::spawn(connection);
+    for statement in statements
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        client.batch_execute(statement).await.map_err(db_err)?;
+    }
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
 async fn committer_loop(pool: Pool, mut rx: mpsc::Receiver<SubmitRequest>) {
+    // Reused for every group: clearing keeps its memory, allocating would page-fault.
+    let mut ledger = Ledger::with_capacity(2_048, 1_024);
     while let Some(first) = rx.recv().await {
         let mut total = first.transfers.len();
         let mut group = vec![first];
@@ -450,7 +513,7 @@ async fn committer_loop(pool: Pool, mut rx: mpsc::Receiver<SubmitRequest>) {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match commit_group(&pool, &group).await {
+            match commit_group(&pool, &mut ledger, &group).await {
                 Err(GroupError::IdRace) if attempt < UNIQUE_RETRIES_MAX => continue,
                 Err(GroupError::IdRace) => {
                     break Err(anyhow::anyhow!(
@@ -507,6 +570,7 @@ impl From<tokio_postgres::Error> for GroupError {
 
 async fn commit_group(
     pool: &Pool,
+    ledger: &mut Ledger,
     group: &[SubmitRequest],
 ) -> Result<Vec<Vec<Outcome>>, GroupError> {
     let mut client = pool.get().await.context("taking a PostgreSQL connection")?;
@@ -533,15 +597,12 @@ async fn commit_group(
     let records_sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1)");
     let holds_sql =
         format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-    // Pipelined: sent together, run in order, so the account locks are taken first.
-    let (p1, p2, p3): ([&Param; 1], [&Param; 1], [&Param; 1]) =
-        ([&account_ids], [&ids], [&pending_ids]);
-    let (accounts, records, holds) = tokio::try_join!(
-        tx.query(&accounts_sql, &p1),
-        tx.query(&records_sql, &p2),
-        tx.query(&holds_sql, &p3),
-    )?;
-    let mut ledger = Ledger::new();
+    // In this order, one after the other: the account locks are taken first, and the stored
+    // transfers are read under them. (Joined futures may be polled, and so sent, in any order.)
+    let accounts = tx.query(&accounts_sql, &[&account_ids]).await?;
+    let records = tx.query(&records_sql, &[&ids]).await?;
+    let holds = tx.query(&holds_sql, &[&pending_ids]).await?;
+    ledger.clear();
     for row in &accounts {
         ledger.load_account(account_row(row)?.account);
     }
@@ -613,7 +674,7 @@ async fn write_changes(
          WHERE a.id = u.id",
         &update_params,
     );
-    // Records before holds: a hold references its transfer.
+    // Awaited in order below: records before holds, since a hold references its transfer.
     let insert = tx.execute(
         "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
            timeout_s, linked, code, result, timestamp) \
@@ -629,7 +690,9 @@ async fn write_changes(
          ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
         &upsert_params,
     );
-    let (updated, _, _) = tokio::try_join!(update, insert, upsert)?;
+    let updated = update.await?;
+    insert.await?;
+    upsert.await?;
     debug_assert_eq!(updated as usize, ids.len());
     Ok(())
 }

@@ -13,6 +13,9 @@ use ledger::{
     Account, AccountId, AccountKind, AccountStatus, Fen, HoldState, Ledger, Outcome, PendingHold,
     Rejection, Timestamp, Transfer, TransferId, TransferKind, TransferRecord,
 };
+use std::rc::Rc;
+
+use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use rustc_hash::FxHashSet;
 use tokio::sync::{mpsc, oneshot};
@@ -26,6 +29,11 @@ use crate::{
 
 /// How long a write waits for another process's write lock before failing.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Page cache of the writer connection, in KiB: the hot part of accounts and indexes stays in it.
+const CACHE_KIB: u32 = 64 * 1024;
+/// WAL pages written before SQLite copies them back into the database file. Larger than
+/// SQLite's default (1,000) so that pages rewritten by many commits are copied back once.
+const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 /// Read connections kept open between reads.
 const READERS_IDLE_MAX: usize = 8;
 
@@ -89,12 +97,17 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path)
         .with_context(|| format!("opening SQLite database {}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    rusqlite::vtab::array::load_module(&conn)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     anyhow::ensure!(
         mode.eq_ignore_ascii_case("wal"),
         "SQLite refused WAL mode (got {mode})"
     );
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA cache_size = -{CACHE_KIB}; PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}; \
+         PRAGMA temp_store = MEMORY;"
+    ))?;
     Ok(conn)
 }
 
@@ -204,6 +217,42 @@ impl SqliteStore {
                 }
                 Err(e) => Err(StoreError::Unexpected(e.into())),
             }
+        })
+        .await?
+    }
+
+    pub async fn create_accounts(
+        &self,
+        new: Vec<(AccountKind, Option<String>)>,
+        now: Timestamp,
+    ) -> Result<Vec<AccountRow>, StoreError> {
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(anyhow::Error::from)?;
+            let mut rows = Vec::with_capacity(new.len());
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO accounts (kind, name, created_at) VALUES (?1, ?2, ?3) \
+                         RETURNING id, kind, status, debits_posted, credits_posted, \
+                         debits_pending, credits_pending, name, created_at",
+                    )
+                    .map_err(anyhow::Error::from)?;
+                for (kind, name) in &new {
+                    match stmt.query_row(params![kind.code(), name, now.0], account_row) {
+                        Ok(row) => rows.push(row),
+                        Err(e) if is_unique_violation(&e) => {
+                            return Err(StoreError::AccountNameTaken(
+                                name.clone().unwrap_or_default(),
+                            ));
+                        }
+                        Err(e) => return Err(StoreError::Unexpected(e.into())),
+                    }
+                }
+            }
+            tx.commit().map_err(anyhow::Error::from)?;
+            Ok(rows)
         })
         .await?
     }
@@ -434,6 +483,8 @@ impl SqliteStore {
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
     let mut next: Option<Command> = None;
+    // Reused for every group: clearing keeps its memory, allocating would page-fault.
+    let mut ledger = Ledger::with_capacity(2_048, 1_024);
     loop {
         let command = match next.take() {
             Some(c) => c,
@@ -461,7 +512,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
                         Err(_) => break,
                     }
                 }
-                match commit_group(&mut conn, &group) {
+                match commit_group(&mut conn, &mut ledger, &group) {
                     Ok(all) => {
                         for (request, outcomes) in group.into_iter().zip(all) {
                             let _ = request.reply.send(Ok(outcomes));
@@ -487,42 +538,12 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
 
 fn commit_group(
     conn: &mut Connection,
+    ledger: &mut Ledger,
     group: &[SubmitRequest],
 ) -> anyhow::Result<Vec<Vec<Outcome>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut ledger = Ledger::new();
-    {
-        let mut seen_accounts = FxHashSet::default();
-        let mut seen_ids = FxHashSet::default();
-        let mut seen_holds = FxHashSet::default();
-        let mut account_stmt = tx.prepare_cached(&format!("{ACCOUNT_SELECT} WHERE id = ?1"))?;
-        let mut record_stmt = tx.prepare_cached(&format!("{TRANSFER_SELECT} WHERE id = ?1"))?;
-        let mut hold_stmt = tx.prepare_cached(&format!("{HOLD_SELECT} WHERE id = ?1"))?;
-        for t in group.iter().flat_map(|r| &r.transfers) {
-            for id in [t.debit, t.credit] {
-                if seen_accounts.insert(id) {
-                    if let Some(row) = account_stmt.query_row([id.get()], account_row).optional()? {
-                        ledger.load_account(row.account);
-                    }
-                }
-            }
-            if seen_ids.insert(t.id) {
-                if let Some(e) = record_stmt
-                    .query_row([t.id.to_bytes()], journal_entry)
-                    .optional()?
-                {
-                    ledger.load_record(e.record);
-                }
-            }
-            if let Some(p) = t.kind.pending_id() {
-                if seen_holds.insert(p) {
-                    if let Some(h) = hold_stmt.query_row([p.to_bytes()], hold_row).optional()? {
-                        ledger.load_hold(h);
-                    }
-                }
-            }
-        }
-    }
+    ledger.clear();
+    prefetch(&tx, ledger, group.iter().flat_map(|r| &r.transfers))?;
     let outcomes: Vec<Vec<Outcome>> = group
         .iter()
         .map(|r| ledger.apply_batch(&r.transfers, r.now))
@@ -530,6 +551,49 @@ fn commit_group(
     write_changes(&tx, ledger.take_changes())?;
     tx.commit()?;
     Ok(outcomes)
+}
+
+/// Loads into `ledger` every account, stored transfer and hold the transfers name: three
+/// queries, each given all its keys at once (`rarray`), instead of one query per key.
+fn prefetch<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    ledger: &mut Ledger,
+    transfers: impl Iterator<Item = &'a Transfer>,
+) -> anyhow::Result<()> {
+    let mut accounts = FxHashSet::default();
+    let mut ids = FxHashSet::default();
+    let mut holds = FxHashSet::default();
+    for t in transfers {
+        accounts.insert(t.debit.get());
+        accounts.insert(t.credit.get());
+        ids.insert(t.id);
+        if let Some(p) = t.kind.pending_id() {
+            holds.insert(p);
+        }
+    }
+    let values = |ids: FxHashSet<TransferId>| -> Rc<Vec<Value>> {
+        Rc::new(
+            ids.into_iter()
+                .map(|id| Value::Blob(id.to_bytes().to_vec()))
+                .collect(),
+        )
+    };
+    let accounts: Rc<Vec<Value>> = Rc::new(accounts.into_iter().map(Value::Integer).collect());
+    let mut stmt = tx.prepare_cached(&format!("{ACCOUNT_SELECT} WHERE id IN rarray(?1)"))?;
+    for row in stmt.query_map([accounts], account_row)? {
+        ledger.load_account(row?.account);
+    }
+    let mut stmt = tx.prepare_cached(&format!("{TRANSFER_SELECT} WHERE id IN rarray(?1)"))?;
+    for e in stmt.query_map([values(ids)], journal_entry)? {
+        ledger.load_record(e?.record);
+    }
+    if !holds.is_empty() {
+        let mut stmt = tx.prepare_cached(&format!("{HOLD_SELECT} WHERE id IN rarray(?1)"))?;
+        for h in stmt.query_map([values(holds)], hold_row)? {
+            ledger.load_hold(h?);
+        }
+    }
+    Ok(())
 }
 
 fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> anyhow::Result<()> {
@@ -548,26 +612,18 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> an
         ])?;
         anyhow::ensure!(n == 1, "account {} vanished during a commit", a.id);
     }
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
-         timeout_s, linked, code, result, timestamp) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?;
-    for r in &changes.records {
-        let t = &r.transfer;
-        insert.execute(params![
-            t.id.to_bytes(),
-            t.debit.get(),
-            t.credit.get(),
-            t.amount.get(),
-            t.kind.code(),
-            t.kind.pending_id().map(TransferId::to_bytes),
-            t.kind.timeout_s(),
-            t.linked,
-            t.code,
-            result_code(r.outcome),
-            r.timestamp.0
-        ])?;
+    // Many rows per statement: one statement step instead of one per transfer.
+    let full = insert_transfers_sql(INSERT_ROWS_PER_STATEMENT);
+    let mut chunks = changes.records.chunks_exact(INSERT_ROWS_PER_STATEMENT);
+    for chunk in chunks.by_ref() {
+        insert_transfers(&mut tx.prepare_cached(&full)?, chunk)?;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        insert_transfers(
+            &mut tx.prepare_cached(&insert_transfers_sql(rest.len()))?,
+            rest,
+        )?;
     }
     let mut upsert = tx.prepare_cached(
         "INSERT INTO holds (id, debit_account_id, credit_account_id, amount, expires_at, state) \
@@ -583,6 +639,61 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> an
             h.state.code()
         ])?;
     }
+    Ok(())
+}
+
+/// Transfers inserted by one statement (11 parameters each; SQLite allows 32,766).
+const INSERT_ROWS_PER_STATEMENT: usize = 64;
+
+fn insert_transfers_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
+         timeout_s, linked, code, result, timestamp) VALUES ",
+    );
+    for i in 0..rows {
+        let p = i * 11;
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(?{},?{},?{},?{},?{},?{},?{},?{},?{},?{},?{})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7,
+            p + 8,
+            p + 9,
+            p + 10,
+            p + 11
+        ));
+    }
+    sql
+}
+
+fn insert_transfers(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    records: &[TransferRecord],
+) -> rusqlite::Result<()> {
+    for (i, r) in records.iter().enumerate() {
+        let t = &r.transfer;
+        let p = i * 11;
+        stmt.raw_bind_parameter(p + 1, t.id.to_bytes())?;
+        stmt.raw_bind_parameter(p + 2, t.debit.get())?;
+        stmt.raw_bind_parameter(p + 3, t.credit.get())?;
+        stmt.raw_bind_parameter(p + 4, t.amount.get())?;
+        stmt.raw_bind_parameter(p + 5, t.kind.code())?;
+        stmt.raw_bind_parameter(p + 6, t.kind.pending_id().map(TransferId::to_bytes))?;
+        stmt.raw_bind_parameter(p + 7, t.kind.timeout_s())?;
+        stmt.raw_bind_parameter(p + 8, t.linked)?;
+        stmt.raw_bind_parameter(p + 9, t.code)?;
+        stmt.raw_bind_parameter(p + 10, result_code(r.outcome))?;
+        stmt.raw_bind_parameter(p + 11, r.timestamp.0)?;
+    }
+    let n = stmt.raw_execute()?;
+    debug_assert_eq!(n, records.len());
     Ok(())
 }
 

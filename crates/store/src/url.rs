@@ -54,6 +54,26 @@ impl DatabaseUrl {
         ))
     }
 
+    /// The same server with another database name (PostgreSQL only).
+    pub fn with_database(&self, name: &str) -> Option<DatabaseUrl> {
+        let DatabaseUrl::Postgres(url) = self else {
+            return None;
+        };
+        let url = url.expose_secret();
+        let (head, query) = match url.split_once('?') {
+            Some((h, q)) => (h, format!("?{q}")),
+            None => (url, String::new()),
+        };
+        let scheme_end = head.find("://").map_or(0, |i| i + 3);
+        let head = match head[scheme_end..].find('/') {
+            Some(i) => &head[..scheme_end + i],
+            None => head,
+        };
+        Some(DatabaseUrl::Postgres(SecretString::from(format!(
+            "{head}/{name}{query}"
+        ))))
+    }
+
     pub(crate) fn postgres_config(&self) -> Option<tokio_postgres::Config> {
         match self {
             DatabaseUrl::Postgres(url) => url.expose_secret().parse().ok(),
@@ -94,19 +114,35 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parses_both_backends() {
         assert!(
-            matches!(DatabaseUrl::parse("sqlite:data/x.db"), Ok(DatabaseUrl::Sqlite(p)) if p == PathBuf::from("data/x.db"))
+            matches!(DatabaseUrl::parse("sqlite:data/x.db"), Ok(DatabaseUrl::Sqlite(p)) if p == Path::new("data/x.db"))
         );
         assert!(
-            matches!(DatabaseUrl::parse("sqlite:///tmp/x.db"), Ok(DatabaseUrl::Sqlite(p)) if p == PathBuf::from("/tmp/x.db"))
+            matches!(DatabaseUrl::parse("sqlite:///tmp/x.db"), Ok(DatabaseUrl::Sqlite(p)) if p == Path::new("/tmp/x.db"))
         );
         assert!(matches!(
             DatabaseUrl::parse("postgres://postgres@127.0.0.1:5432/postgres"),
             Ok(DatabaseUrl::Postgres(_))
         ));
+    }
+
+    #[test]
+    fn another_database_on_the_same_server() {
+        let url = DatabaseUrl::parse("postgres://u:pw@h:5432/postgres?sslmode=disable").unwrap();
+        let other = url.with_database("scratch").unwrap();
+        assert_eq!(
+            other.to_string(),
+            "postgres://u:***@h:5432/scratch?sslmode=disable"
+        );
+        let bare = DatabaseUrl::parse("postgres://h")
+            .unwrap()
+            .with_database("x")
+            .unwrap();
+        assert_eq!(bare.to_string(), "postgres://h/x");
     }
 
     #[test]

@@ -1,1 +1,278 @@
-//! placeholder
+//! HTTP adapter: `/healthz` and the JSON API under `/api/v1`.
+//!
+//! Handlers parse, call [`app::App`], and shape JSON; no business rule lives here. Errors are
+//! JSON `{"code": ..., "message": ...}` with a stable machine code.
+//!
+//! The ledger reads are not yet behind a login (operators and roles arrive with the cards
+//! issue), so `serve` binds to 127.0.0.1 by default.
+
+use std::future::Future;
+
+use app::App;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ledger::{AccountId, TransferId, TransferKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use store::{AccountRow, JournalEntry};
+
+/// Rows a listing returns when the client does not say.
+pub const PAGE_SIZE_DEFAULT: u32 = 50;
+
+/// Builds the router; tests drive it with `tower::ServiceExt::oneshot`, no server needed.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/accounts", get(list_accounts))
+        .route("/api/v1/accounts/{id}", get(get_account))
+        .route("/api/v1/accounts/{id}/transfers", get(account_transfers))
+        .route("/api/v1/transfers/{id}", get(get_transfer))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// An API error: status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        // The cause chain is logged; the client gets an opaque message.
+        tracing::error!(error = ?e, "request failed");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: "internal error; see the server log".into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "code": self.code, "message": self.message })),
+        )
+            .into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+async fn healthz(State(app): State<App>) -> Result<Json<serde_json::Value>, ApiError> {
+    let migrations = app.store().applied_migrations().await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "database": app.store().backend_name(),
+        "schema_version": migrations.last().map(|m| m.version),
+    })))
+}
+
+#[derive(Serialize)]
+struct AccountJson {
+    id: i64,
+    kind: &'static str,
+    status: &'static str,
+    name: Option<String>,
+    balance_fen: i64,
+    available_fen: i64,
+    debits_posted_fen: i64,
+    credits_posted_fen: i64,
+    debits_pending_fen: i64,
+    credits_pending_fen: i64,
+    created_at_ms: i64,
+}
+
+impl From<AccountRow> for AccountJson {
+    fn from(r: AccountRow) -> AccountJson {
+        let a = r.account;
+        AccountJson {
+            id: a.id.get(),
+            kind: a.kind.name(),
+            status: a.status.name(),
+            name: r.name,
+            balance_fen: a.balance().get(),
+            available_fen: a.available().get(),
+            debits_posted_fen: a.debits_posted.get(),
+            credits_posted_fen: a.credits_posted.get(),
+            debits_pending_fen: a.debits_pending.get(),
+            credits_pending_fen: a.credits_pending.get(),
+            created_at_ms: r.created_at.0,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TransferJson {
+    id: String,
+    seq: i64,
+    debit_account_id: i64,
+    credit_account_id: i64,
+    amount_fen: i64,
+    kind: &'static str,
+    pending_id: Option<String>,
+    timeout_s: Option<u32>,
+    linked: bool,
+    code: u16,
+    /// "applied", or the stored rejection's code.
+    result: &'static str,
+    timestamp_ms: i64,
+}
+
+impl From<JournalEntry> for TransferJson {
+    fn from(e: JournalEntry) -> TransferJson {
+        let t = e.record.transfer;
+        TransferJson {
+            id: t.id.to_string(),
+            seq: e.seq,
+            debit_account_id: t.debit.get(),
+            credit_account_id: t.credit.get(),
+            amount_fen: t.amount.get(),
+            kind: t.kind.name(),
+            pending_id: t.kind.pending_id().map(|p| p.to_string()),
+            timeout_s: match t.kind {
+                TransferKind::Pending { timeout_s } => Some(timeout_s),
+                _ => None,
+            },
+            linked: t.linked,
+            code: t.code,
+            result: match e.record.outcome {
+                Ok(_) => "applied",
+                Err(r) => r.name(),
+            },
+            timestamp_ms: e.record.timestamp.0,
+        }
+    }
+}
+
+fn account_id(raw: &str) -> Result<AccountId, ApiError> {
+    raw.parse()
+        .map_err(|e: String| ApiError::bad_request("invalid_account_id", e))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    after: Option<String>,
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<u32, ApiError> {
+        match &self.limit {
+            None => Ok(PAGE_SIZE_DEFAULT),
+            Some(l) => match l.parse::<u32>() {
+                Ok(n) if (1..=store::LIST_LIMIT_MAX).contains(&n) => Ok(n),
+                _ => Err(ApiError::bad_request(
+                    "invalid_limit",
+                    format!(
+                        "limit {l:?} must be a whole number from 1 to {}",
+                        store::LIST_LIMIT_MAX
+                    ),
+                )),
+            },
+        }
+    }
+
+    fn cursor(value: &Option<String>, name: &str, default: i64) -> Result<i64, ApiError> {
+        match value {
+            None => Ok(default),
+            Some(v) => v.parse::<i64>().map_err(|_| {
+                ApiError::bad_request("invalid_cursor", format!("{name} {v:?} must be an integer"))
+            }),
+        }
+    }
+}
+
+async fn list_accounts(
+    State(app): State<App>,
+    Query(page): Query<Page>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let after = Page::cursor(&page.after, "after", 0)?;
+    let rows = app.accounts(after, page.limit()?).await?;
+    let next = rows.last().map(|r| r.account.id.get());
+    let accounts: Vec<AccountJson> = rows.into_iter().map(AccountJson::from).collect();
+    Ok(Json(json!({ "accounts": accounts, "next_after": next })))
+}
+
+async fn get_account(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<AccountJson>, ApiError> {
+    let id = account_id(&id)?;
+    let row = app
+        .account(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no account {id}")))?;
+    Ok(Json(row.into()))
+}
+
+async fn account_transfers(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = account_id(&id)?;
+    let before = Page::cursor(&page.before, "before", i64::MAX)?;
+    let limit = page.limit()?;
+    if app.account(id).await?.is_none() {
+        return Err(ApiError::not_found(format!("no account {id}")));
+    }
+    let entries = app.account_transfers(id, before, limit).await?;
+    let next = entries.last().map(|e| e.seq);
+    let transfers: Vec<TransferJson> = entries.into_iter().map(TransferJson::from).collect();
+    Ok(Json(json!({ "transfers": transfers, "next_before": next })))
+}
+
+async fn get_transfer(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<TransferJson>, ApiError> {
+    let id: TransferId = id.parse().map_err(|e: ledger::ParseIdError| {
+        ApiError::bad_request("invalid_transfer_id", e.to_string())
+    })?;
+    let entry = app
+        .transfer(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+    Ok(Json(entry.into()))
+}

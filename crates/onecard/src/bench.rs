@@ -1,0 +1,339 @@
+//! `onecard bench ledger`: throughput of the pure apply step and of the store on each backend,
+//! every transfer a purchase from a random cardholder to one hot canteen merchant account.
+//! Each figure is the median of `--runs` runs. Run it from a release build.
+
+use std::time::Instant;
+
+use clap::Args;
+use ledger::{
+    Account, AccountId, AccountKind, Fen, Ledger, Timestamp, Transfer, TransferId, TransferKind,
+};
+use store::{DatabaseUrl, Store, StoreOptions};
+
+use crate::BackendChoice;
+
+const PG_SERVER_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Transfers per batch for the pure apply step.
+const PURE_BATCH_SIZE: usize = 1_000;
+/// Concurrent senders in the group-commit scenario.
+const CONCURRENT_SENDERS: usize = 64;
+
+#[derive(Args, Debug)]
+pub struct LedgerArgs {
+    /// Which store backends to measure.
+    #[arg(long, value_enum, default_value = "all")]
+    backend: BackendChoice,
+    /// Transfers per run in the batched scenarios.
+    #[arg(long, default_value_t = 100_000)]
+    transfers: usize,
+    /// Transfers per run in the one-per-commit scenario.
+    #[arg(long, default_value_t = 1_000)]
+    single: usize,
+    /// Transfers per run for the pure apply step.
+    #[arg(long, default_value_t = 1_000_000)]
+    pure: usize,
+    /// Runs per scenario; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Cardholder accounts paying the merchant.
+    #[arg(long, default_value_t = 10_000)]
+    cardholders: usize,
+    /// PostgreSQL server for a scratch database (default: ONECARD_BENCH_PG_URL,
+    /// ONECARD_TEST_PG_URL, or the local server).
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+}
+
+/// A deterministic generator: the same workload on every backend and run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+struct Workload {
+    rng: Rng,
+    next_id: u128,
+    cardholders: Vec<AccountId>,
+    merchant: AccountId,
+}
+
+impl Workload {
+    fn new(cardholders: Vec<AccountId>, merchant: AccountId, id_space: u128) -> Workload {
+        Workload {
+            rng: Rng(0x2545_f491_4f6c_dd1d),
+            next_id: id_space << 64,
+            cardholders,
+            merchant,
+        }
+    }
+
+    fn purchase(&mut self) -> Transfer {
+        self.next_id += 1;
+        let payer = self.cardholders[self.rng.below(self.cardholders.len() as u64) as usize];
+        Transfer {
+            id: TransferId::new(self.next_id).expect("non-zero"),
+            debit: payer,
+            credit: self.merchant,
+            amount: Fen::new(1 + self.rng.below(500) as i64),
+            kind: TransferKind::Single,
+            linked: false,
+            code: 5,
+        }
+    }
+
+    fn batch(&mut self, n: usize) -> Vec<Transfer> {
+        (0..n).map(|_| self.purchase()).collect()
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn row(backend: &str, scenario: &str, per_s: Vec<f64>) {
+    let runs: Vec<String> = per_s.iter().map(|x| format!("{x:.0}")).collect();
+    println!(
+        "{backend:<10} {scenario:<44} {:>12.0}   runs: {}",
+        median(per_s),
+        runs.join(", ")
+    );
+}
+
+fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+pub async fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(args.cardholders >= 1, "--cardholders must be at least 1");
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are meaningless (use --release)");
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "onecard bench ledger: {cores} cores, {} cardholders, 1 hot merchant",
+        args.cardholders
+    );
+    println!("{:<10} {:<44} {:>12}", "backend", "scenario", "transfers/s");
+    pure(&args);
+    let sqlite = matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All);
+    let postgres = matches!(args.backend, BackendChoice::Postgres | BackendChoice::All);
+    if sqlite {
+        let dir = tempfile::tempdir()?;
+        let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
+        let store = Store::open(&url, StoreOptions::default()).await?;
+        store_scenarios(&store, &args, "sqlite").await?;
+    }
+    if postgres {
+        let server_text = args
+            .pg_url
+            .clone()
+            .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
+            .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
+            .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
+        let server = DatabaseUrl::parse(&server_text)?;
+        let name = format!("onecard_bench_{}", std::process::id());
+        let url = store::create_scratch_database(&server, &name).await.map_err(|e| {
+            e.context(format!(
+                "PostgreSQL at {server} is needed for the postgres figures (--backend sqlite skips them)"
+            ))
+        })?;
+        let store = Store::open(&url, StoreOptions::default()).await?;
+        let result = store_scenarios(&store, &args, "postgres").await;
+        drop(store);
+        store::drop_scratch_database(&server, &name).await?;
+        result?;
+    }
+    Ok(())
+}
+
+/// The pure apply step on one core, as the store runs it: per batch of 1,000, the writer's
+/// [`Ledger`] is cleared, loaded with the accounts the batch names, applies the batch, and hands back
+/// its changes, which are written back to the in-memory account table.
+fn pure(args: &LedgerArgs) {
+    let merchant = AccountId::new(1).expect("positive");
+    let cardholders: Vec<AccountId> = (2..2 + args.cardholders as i64)
+        .map(|i| AccountId::new(i).expect("positive"))
+        .collect();
+    let mut per_s = Vec::new();
+    for _ in 0..args.runs {
+        // The "database": accounts indexed by id.
+        let mut table: Vec<Account> = Vec::with_capacity(cardholders.len() + 2);
+        table.push(Account::new(merchant, AccountKind::MerchantPayable)); // index 0 unused
+        table.push(Account::new(merchant, AccountKind::MerchantPayable));
+        for &id in &cardholders {
+            let mut a = Account::new(id, AccountKind::CardholderOnline);
+            a.credits_posted = Fen::new(i64::MAX / 4);
+            table.push(a);
+        }
+        let mut work = Workload::new(cardholders.clone(), merchant, 1);
+        let batches: Vec<Vec<Transfer>> = (0..args.pure.div_ceil(PURE_BATCH_SIZE))
+            .map(|_| work.batch(PURE_BATCH_SIZE))
+            .collect();
+        let at = now();
+        let started = Instant::now();
+        let mut applied = 0usize;
+        let mut ledger = Ledger::with_capacity(2 * PURE_BATCH_SIZE, PURE_BATCH_SIZE);
+        for batch in &batches {
+            ledger.clear();
+            for t in batch {
+                for id in [t.debit, t.credit] {
+                    ledger.load_account(table[id.get() as usize]);
+                }
+            }
+            let outcomes = ledger.apply_batch(batch, at);
+            applied += outcomes.iter().filter(|o| o.is_ok()).count();
+            let changes = ledger.take_changes();
+            for a in &changes.accounts {
+                table[a.id.get() as usize] = *a;
+            }
+            std::hint::black_box(changes);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        assert_eq!(
+            applied,
+            batches.len() * PURE_BATCH_SIZE,
+            "every benchmark purchase applies"
+        );
+        per_s.push(applied as f64 / seconds);
+    }
+    row("pure", "apply step, batches of 1000, one core", per_s);
+}
+
+async fn store_scenarios(store: &Store, args: &LedgerArgs, backend: &str) -> anyhow::Result<()> {
+    let at = now();
+    let mut wanted = vec![
+        (AccountKind::BankClearing, Some("bank:bench".to_owned())),
+        (
+            AccountKind::MerchantPayable,
+            Some("merchant:bench-canteen".to_owned()),
+        ),
+    ];
+    wanted.extend((0..args.cardholders).map(|_| (AccountKind::CardholderOnline, None)));
+    let rows = store.create_accounts(wanted, at).await?;
+    let (bank, merchant) = (rows[0].account.id, rows[1].account.id);
+    let cardholders: Vec<AccountId> = rows[2..].iter().map(|r| r.account.id).collect();
+    // Fund every cardholder (not timed).
+    let funding: Vec<Transfer> = cardholders
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| Transfer {
+            id: TransferId::new((9 << 64) + i as u128 + 1).expect("non-zero"),
+            debit: bank,
+            credit: c,
+            amount: Fen::new(1_000_000_000),
+            kind: TransferKind::Single,
+            linked: false,
+            code: 1,
+        })
+        .collect();
+    for chunk in funding.chunks(1_000) {
+        store.submit(chunk.to_vec(), at).await?;
+    }
+    let mut work = Workload::new(cardholders, merchant, 2);
+
+    let mut one = Vec::new();
+    let mut concurrent = Vec::new();
+    let mut b100 = Vec::new();
+    let mut b1000 = Vec::new();
+    for _ in 0..args.runs {
+        one.push(run_sequential(store, &mut work, args.single, 1).await?);
+        concurrent.push(run_concurrent(store, &mut work, args.single * 5).await?);
+        b100.push(run_sequential(store, &mut work, args.transfers, 100).await?);
+        b1000.push(run_sequential(store, &mut work, args.transfers, 1_000).await?);
+    }
+    row(backend, "1 transfer per commit", one);
+    row(
+        backend,
+        &format!("1 per request, {CONCURRENT_SENDERS} senders (group commit)"),
+        concurrent,
+    );
+    row(backend, "batches of 100", b100);
+    row(backend, "batches of 1000", b1000);
+    let report = store.check().await?;
+    anyhow::ensure!(
+        report.is_ok(),
+        "db-check failed after the benchmark:\n{report}"
+    );
+    println!(
+        "{backend:<10} db-check after the benchmark: OK ({} transfers)",
+        report.transfers
+    );
+    Ok(())
+}
+
+async fn run_sequential(
+    store: &Store,
+    work: &mut Workload,
+    total: usize,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let batches: Vec<Vec<Transfer>> = (0..total.div_ceil(batch))
+        .map(|_| work.batch(batch))
+        .collect();
+    let at = now();
+    let started = Instant::now();
+    let mut applied = 0;
+    for b in batches {
+        applied += store
+            .submit(b, at)
+            .await?
+            .iter()
+            .filter(|o| o.is_ok())
+            .count();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        applied == total.div_ceil(batch) * batch,
+        "some benchmark purchases were rejected"
+    );
+    Ok(applied as f64 / seconds)
+}
+
+async fn run_concurrent(store: &Store, work: &mut Workload, total: usize) -> anyhow::Result<f64> {
+    let per_sender = total.div_ceil(CONCURRENT_SENDERS);
+    let plans: Vec<Vec<Transfer>> = (0..CONCURRENT_SENDERS)
+        .map(|_| work.batch(per_sender))
+        .collect();
+    let at = now();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for plan in plans {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            for t in plan {
+                ok += store
+                    .submit(vec![t], at)
+                    .await?
+                    .iter()
+                    .filter(|o| o.is_ok())
+                    .count();
+            }
+            anyhow::Ok(ok)
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        applied == per_sender * CONCURRENT_SENDERS,
+        "some benchmark purchases were rejected"
+    );
+    Ok(applied as f64 / seconds)
+}

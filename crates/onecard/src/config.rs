@@ -1,0 +1,219 @@
+//! Configuration: defaults, then one TOML file, then `ONECARD_*` environment variables, then
+//! command-line flags. Unknown keys and unknown `ONECARD_*` variables are errors, so a typo is
+//! reported instead of silently ignored. Secrets have no defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use store::DatabaseUrl;
+
+/// The configuration file read when `--config` is not given, if it exists.
+pub const CONFIG_FILE_DEFAULT: &str = "onecard.toml";
+pub const DATA_DIR_DEFAULT: &str = "onecard-data";
+pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+
+/// Environment variables onecard reads; any other `ONECARD_*` variable is refused.
+pub const ENV_VARS: [&str; 7] = [
+    "ONECARD_CONFIG",
+    "ONECARD_DATA_DIR",
+    "ONECARD_DATABASE_URL",
+    "ONECARD_HTTP_LISTEN",
+    "ONECARD_LOG",
+    // Used by tests and benchmarks only.
+    "ONECARD_TEST_PG_URL",
+    "ONECARD_BENCH_PG_URL",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    log: Option<String>,
+    http: Option<HttpFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpFile {
+    listen: Option<String>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub database_url: DatabaseUrl,
+    pub http_listen: SocketAddr,
+    pub log_filter: String,
+}
+
+/// Values given on the command line, which win over everything else.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub http_listen: Option<String>,
+}
+
+impl Config {
+    pub fn load(overrides: Overrides) -> anyhow::Result<Config> {
+        Config::load_from(
+            overrides,
+            |k| std::env::var(k).ok(),
+            std::env::vars().map(|(k, _)| k),
+        )
+    }
+
+    /// `env` reads a variable; `env_names` lists the variables that are set.
+    pub fn load_from(
+        overrides: Overrides,
+        env: impl Fn(&str) -> Option<String>,
+        env_names: impl Iterator<Item = String>,
+    ) -> anyhow::Result<Config> {
+        for name in env_names.filter(|n| n.starts_with("ONECARD_")) {
+            anyhow::ensure!(
+                ENV_VARS.contains(&name.as_str()),
+                "unknown environment variable {name}; onecard reads {}",
+                ENV_VARS.join(", ")
+            );
+        }
+        let file_path = overrides
+            .config_file
+            .clone()
+            .or_else(|| env("ONECARD_CONFIG").map(PathBuf::from));
+        let file = match &file_path {
+            Some(p) => read_file(p)?,
+            None if Path::new(CONFIG_FILE_DEFAULT).is_file() => {
+                read_file(Path::new(CONFIG_FILE_DEFAULT))?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = overrides
+            .data_dir
+            .or_else(|| env("ONECARD_DATA_DIR").map(PathBuf::from))
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
+        let url_text = overrides
+            .database_url
+            .map(|u| ("--database-url", u))
+            .or_else(|| env("ONECARD_DATABASE_URL").map(|u| ("ONECARD_DATABASE_URL", u)))
+            .or(file
+                .database_url
+                .map(|u| ("database_url in the config file", u)));
+        let database_url = match url_text {
+            Some((from, text)) => {
+                DatabaseUrl::parse(&text).with_context(|| format!("reading {from}"))?
+            }
+            None => DatabaseUrl::Sqlite(data_dir.join("onecard.db")),
+        };
+        let listen_text = overrides
+            .http_listen
+            .or_else(|| env("ONECARD_HTTP_LISTEN"))
+            .or(file.http.and_then(|h| h.listen))
+            .unwrap_or_else(|| HTTP_LISTEN_DEFAULT.to_owned());
+        let http_listen = listen_text.parse().map_err(|_| {
+            anyhow::anyhow!("invalid HTTP listen address {listen_text:?}: expected IP:PORT such as {HTTP_LISTEN_DEFAULT}")
+        })?;
+        let log_filter = env("ONECARD_LOG")
+            .or(file.log)
+            .unwrap_or_else(|| "info".to_owned());
+        Ok(Config {
+            data_dir,
+            database_url,
+            http_listen,
+            log_filter,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration file {}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("in the configuration file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(over: Overrides, vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        Config::load_from(over, get, vars.iter().map(|(k, _)| k.clone()))
+    }
+
+    #[test]
+    fn defaults_put_sqlite_in_the_data_dir() {
+        let c = load(Overrides::default(), &[]).unwrap();
+        assert_eq!(c.database_url.to_string(), "sqlite:onecard-data/onecard.db");
+        assert_eq!(c.http_listen.to_string(), HTTP_LISTEN_DEFAULT);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/a\"\n[http]\nlisten = \"0.0.0.0:9000\"\n",
+        )
+        .unwrap();
+        let over = || Overrides {
+            config_file: Some(file.clone()),
+            ..Overrides::default()
+        };
+        let c = load(over(), &[]).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(c.http_listen.port(), 9000);
+        let c = load(over(), &[("ONECARD_DATA_DIR", "/srv/b")]).unwrap();
+        assert_eq!(c.database_url.to_string(), "sqlite:/srv/b/onecard.db");
+        let c = load(
+            Overrides {
+                data_dir: Some("/srv/c".into()),
+                ..over()
+            },
+            &[("ONECARD_DATA_DIR", "/srv/b")],
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/c"));
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "data_dri = \"x\"\n").unwrap();
+        let e = load(
+            Overrides {
+                config_file: Some(file),
+                ..Overrides::default()
+            },
+            &[],
+        );
+        assert!(format!("{:#}", e.unwrap_err()).contains("data_dri"));
+        let e = load(Overrides::default(), &[("ONECARD_DATABSE_URL", "x")]).unwrap_err();
+        assert!(e.to_string().contains("ONECARD_DATABSE_URL"));
+        let e = load(
+            Overrides::default(),
+            &[("ONECARD_DATABASE_URL", "mysql://x")],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("ONECARD_DATABASE_URL"));
+        let e = load(
+            Overrides {
+                http_listen: Some("8080".into()),
+                ..Overrides::default()
+            },
+            &[],
+        );
+        assert!(e.unwrap_err().to_string().contains("IP:PORT"));
+    }
+}

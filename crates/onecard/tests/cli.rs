@@ -1,0 +1,281 @@
+//! The binary as a user runs it: real processes, real files, a real TCP port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn onecard(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("ONECARD_DATABASE_URL")
+        .env_remove("ONECARD_DATA_DIR")
+        .env("ONECARD_LOG", "warn")
+        .output()
+        .expect("running onecard")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(data: &Path, args: &[&str]) -> String {
+    let o = onecard(data, args);
+    assert!(o.status.success(), "onecard {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn fails(data: &Path, args: &[&str], code: i32, needle: &str) {
+    let o = onecard(data, args);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "onecard {args:?}:\n{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains(needle),
+        "onecard {args:?} should say {needle:?}:\n{}",
+        text(&o)
+    );
+}
+
+const T1: &str = "0190a1b2-c3d4-7e5f-8a9b-000000000001";
+const T2: &str = "0190a1b2-c3d4-7e5f-8a9b-000000000002";
+
+#[test]
+fn init_transfer_and_db_check_and_every_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fails(&data, &["db-check"], 1, "onecard init");
+    assert!(ok(&data, &["init"]).contains("schema version 1"));
+    assert!(data.join("onecard.db").is_file());
+    ok(&data, &["init"]);
+    assert!(ok(&data, &["migrate"]).contains("up to date"));
+    assert!(
+        ok(
+            &data,
+            &[
+                "account",
+                "create",
+                "--kind",
+                "bank_clearing",
+                "--name",
+                "bank:x"
+            ]
+        )
+        .contains("account 1")
+    );
+    ok(&data, &["account", "create", "--kind", "cardholder_online"]);
+    ok(&data, &["account", "create", "--kind", "merchant_payable"]);
+    ok(
+        &data,
+        &[
+            "transfer", "create", "--id", T1, "--debit", "1", "--credit", "2", "--amount", "5000",
+        ],
+    );
+    // A retry is answered from the store and applies once.
+    ok(
+        &data,
+        &[
+            "transfer", "create", "--id", T1, "--debit", "1", "--credit", "2", "--amount", "5000",
+        ],
+    );
+    assert!(ok(&data, &["account", "show", "2"]).contains("50.00 yuan (5000 fen)"));
+
+    // Bad input: a clear error, and nothing changes.
+    let t = |amount: &'static str, debit: &'static str| {
+        vec![
+            "transfer", "create", "--id", T2, "--debit", debit, "--credit", "3", "--amount", amount,
+        ]
+    };
+    fails(&data, &t("0", "2"), 1, "amount must not be zero");
+    fails(&data, &t("-5", "2"), 1, "amount must not be negative");
+    fails(&data, &t("99999999999999999999", "2"), 2, "out of range");
+    fails(&data, &t("1.5", "2"), 2, "whole number of fen");
+    fails(&data, &t("5", "42"), 1, "debit account does not exist");
+    fails(&data, &t("5", "0"), 2, "positive integer");
+    fails(&data, &t("6000", "2"), 1, "insufficient balance");
+    fails(
+        &data,
+        &[
+            "transfer",
+            "create",
+            "--id",
+            "not-a-uuid",
+            "--debit",
+            "2",
+            "--credit",
+            "3",
+            "--amount",
+            "1",
+        ],
+        2,
+        "invalid transfer id",
+    );
+    fails(
+        &data,
+        &["account", "create", "--kind", "piggy_bank"],
+        2,
+        "unknown account kind",
+    );
+    fails(
+        &data,
+        &["account", "create", "--kind", "cash", "--name", "bank:x"],
+        1,
+        "exists already",
+    );
+    fails(
+        &data,
+        &["--database-url", "mysql://h/db", "db-check"],
+        1,
+        "invalid database URL",
+    );
+    fails(
+        &data,
+        &[
+            "--database-url",
+            "postgres://u:hunter2@h:port/db",
+            "db-check",
+        ],
+        1,
+        "invalid database URL",
+    );
+    let o = onecard(
+        &data,
+        &[
+            "--database-url",
+            "postgres://u:hunter2@h:port/db",
+            "db-check",
+        ],
+    );
+    assert!(!text(&o).contains("hunter2"), "a password was printed");
+    assert!(ok(&data, &["account", "show", "3"]).contains("balance    0.00"));
+    // The stored rejection (insufficient balance) is kept; the input rejections are not.
+    assert!(ok(&data, &["transfer", "show", T2]).contains("insufficient_balance"));
+
+    let check = ok(&data, &["db-check"]);
+    assert!(check.contains("OK"), "{check}");
+
+    // Corrupt one balance behind onecard's back: db-check must fail and name the account.
+    let conn = rusqlite::Connection::open(data.join("onecard.db")).unwrap();
+    conn.execute(
+        "UPDATE accounts SET credits_posted = credits_posted + 7 WHERE id = 2",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    fails(
+        &data,
+        &["db-check"],
+        1,
+        "account 2: credits_posted is 5007 but its transfers say 5000",
+    );
+    let json = onecard(&data, &["db-check", "--json"]);
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["bad_accounts"], serde_json::json!([2]));
+}
+
+#[test]
+fn typo_in_environment_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .arg("init")
+        .env("ONECARD_DATABSE_URL", "x")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("unknown environment variable ONECARD_DATABSE_URL"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn demo_seeds_a_consistent_campus() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(dir.path(), &["demo", "--cardholders", "60", "--no-serve"]);
+    assert!(out.contains("demo campus created"), "{out}");
+    assert!(ok(dir.path(), &["demo", "--no-serve"]).contains("already present"));
+    assert!(ok(dir.path(), &["db-check"]).contains("OK"));
+    let list = ok(dir.path(), &["account", "list", "--limit", "200"]);
+    assert!(list.contains("merchant:canteen-1"), "{list}");
+}
+
+fn http_get(port: u16, path: &str) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status: u16 = raw[9..12].parse().unwrap();
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+    // Bodies are small and sent whole (no chunking) by axum for JSON.
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn serve_answers_health_and_ledger_reads_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(dir.path(), &["demo", "--cardholders", "5", "--no-serve"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ONECARD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let (status, health) = http_get(port, "/healthz");
+    assert_eq!(
+        (
+            status,
+            health["status"].as_str(),
+            health["database"].as_str()
+        ),
+        (200, Some("ok"), Some("sqlite"))
+    );
+    let (status, bank) = http_get(port, "/api/v1/accounts/1");
+    assert_eq!(status, 200);
+    assert_eq!(bank["name"], "bank:demo-bank");
+    assert!(
+        bank["balance_fen"].as_i64().unwrap() < 0,
+        "the bank clearing account paid out"
+    );
+    let (status, history) = http_get(port, "/api/v1/accounts/11/transfers?limit=2");
+    assert_eq!(status, 200);
+    assert_eq!(history["transfers"].as_array().unwrap().len(), 2);
+    let (status, err) = http_get(port, "/api/v1/accounts/abc");
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (400, Some("invalid_account_id"))
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
