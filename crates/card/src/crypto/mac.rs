@@ -8,6 +8,8 @@
 use std::fmt;
 
 use cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt};
+use des::Des;
+use sm4::Sm4;
 use subtle::ConstantTimeEq;
 
 use super::keys::{DesKey, Sm4Key, Tdes2Key, left4};
@@ -95,9 +97,12 @@ fn xor_into(state: &mut [u8], data: &[u8]) {
 }
 
 fn des_cbc(key: &DesKey, iv: [u8; 8], data: &[u8], padding: Padding) -> [u8; 8] {
-    let cipher = key.cipher();
+    des_cbc_with(&key.cipher(), iv, data, padding)
+}
+
+fn des_cbc_with(cipher: &Des, iv: [u8; 8], data: &[u8], padding: Padding) -> [u8; 8] {
     cbc(
-        |block: &mut [u8; 8]| *block = DesKey::encrypt_with(&cipher, *block),
+        |block: &mut [u8; 8]| *block = DesKey::encrypt_with(cipher, *block),
         iv,
         data,
         padding,
@@ -137,7 +142,14 @@ pub fn pboc_mac_tdes(key: &Tdes2Key, iv: [u8; 8], data: &[u8]) -> Mac4 {
 /// The PBOC MAC with an SM4 key: SM4-CBC over 16-byte blocks from `iv`, padding `80 00..`,
 /// leftmost 4 bytes (spec §7.2).
 pub fn pboc_mac_sm4(key: &Sm4Key, iv: [u8; 16], data: &[u8]) -> Mac4 {
-    let cipher = key.cipher();
+    pboc_mac_sm4_with(&key.cipher(), iv, data)
+}
+
+pub(crate) fn pboc_mac_des_with(cipher: &Des, iv: [u8; 8], data: &[u8]) -> Mac4 {
+    Mac4(left4(&des_cbc_with(cipher, iv, data, Padding::Method2)))
+}
+
+pub(crate) fn pboc_mac_sm4_with(cipher: &Sm4, iv: [u8; 16], data: &[u8]) -> Mac4 {
     let out = cbc(
         |block: &mut [u8; 16]| {
             let mut b = Array::from(*block);

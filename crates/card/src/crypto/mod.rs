@@ -17,8 +17,8 @@ pub use mac::{
     x9_19_mac,
 };
 pub use pboc::{
-    MacKey, PurseAlgorithm, PurseKey, load_mac1, load_mac2, load_tac, purchase_mac1, purchase_mac2,
-    purchase_tac,
+    MacKey, PbocMac, PreparedMacKey, PreparedPurseKey, PurseAlgorithm, PurseKey, load_mac1,
+    load_mac2, load_tac, purchase_mac1, purchase_mac2, purchase_tac,
 };
 pub use pin::{
     PAN_DIGITS_MAX, PAN_DIGITS_MIN, PIN_DIGITS_MAX, PIN_DIGITS_MIN, Pin, PinBlock, PinError,

@@ -13,9 +13,11 @@
 use std::fmt;
 
 use cipher::{Array, BlockCipherEncrypt};
+use des::{Des, TdesEde2};
+use sm4::Sm4;
 
 use super::keys::{DesKey, Sm4Key, Tdes2Key};
-use super::mac::{Mac4, pboc_mac_des, pboc_mac_sm4};
+use super::mac::{Mac4, pboc_mac_des, pboc_mac_des_with, pboc_mac_sm4, pboc_mac_sm4_with};
 use crate::purse::{Asn, TerminalId, TxDateTime, TxType};
 
 /// The purse algorithm identifier returned by INITIALIZE (spec §1.5, §7.2).
@@ -82,36 +84,23 @@ impl PurseKey {
 
     /// One level of diversification (分散) with an 8-byte factor.
     pub fn diversify(&self, factor: &[u8; 8]) -> PurseKey {
-        let not_factor = factor.map(|b| !b);
-        match self {
-            PurseKey::Tdes(k) => {
-                let cipher = k.cipher();
-                let mut out = [0u8; 16];
-                for (half, input) in out.chunks_exact_mut(8).zip([factor, &not_factor]) {
-                    let mut b = Array::from(*input);
-                    cipher.encrypt_block(&mut b);
-                    half.copy_from_slice(&b);
-                }
-                PurseKey::Tdes(Tdes2Key::from_bytes(out))
-            }
-            PurseKey::Sm4(k) => {
-                let mut input = [0u8; 16];
-                input[..8].copy_from_slice(factor);
-                input[8..].copy_from_slice(&not_factor);
-                PurseKey::Sm4(Sm4Key::from_bytes(k.encrypt_block(input)))
-            }
-        }
+        self.prepare().diversify(factor)
     }
 
     /// The card key for a card: the master diversified by each higher-level factor in the
     /// order given (issuer or city first), then by the card's ASN (spec §7.1). With no
     /// higher-level factor this is the usual one-level diversification.
     pub fn derive_card_key(&self, higher_factors: &[[u8; 8]], asn: &Asn) -> PurseKey {
-        let mut key = self.clone();
-        for factor in higher_factors {
-            key = key.diversify(factor);
-        }
-        key.diversify(&asn.diversification_factor())
+        self.prepare().derive_card_key(higher_factors, asn)
+    }
+
+    /// The key with its cipher key schedule computed once, for deriving many card keys from
+    /// one master (TAC verification of a batch of offline records).
+    pub fn prepare(&self) -> PreparedPurseKey {
+        PreparedPurseKey(match self {
+            PurseKey::Tdes(k) => Prepared::Tdes(k.cipher()),
+            PurseKey::Sm4(k) => Prepared::Sm4(k.cipher()),
+        })
     }
 
     /// Encrypts an 8-byte session-key input into a session key.
@@ -147,6 +136,61 @@ impl PurseKey {
     }
 }
 
+/// A purse master key with its key schedule ready; zeroised on drop by the cipher crates.
+pub struct PreparedPurseKey(Prepared);
+
+enum Prepared {
+    Tdes(TdesEde2),
+    Sm4(Sm4),
+}
+
+impl fmt::Debug for PreparedPurseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PreparedPurseKey(<redacted>)")
+    }
+}
+
+impl PreparedPurseKey {
+    /// One level of diversification: `E_MK(F) ‖ E_MK(~F)` (3DES) or `SM4_MK(F ‖ ~F)`.
+    pub fn diversify(&self, factor: &[u8; 8]) -> PurseKey {
+        let not_factor = factor.map(|b| !b);
+        match &self.0 {
+            Prepared::Tdes(cipher) => {
+                let mut out = [0u8; 16];
+                for (half, input) in out.chunks_exact_mut(8).zip([factor, &not_factor]) {
+                    let mut b = Array::from(*input);
+                    cipher.encrypt_block(&mut b);
+                    half.copy_from_slice(&b);
+                }
+                PurseKey::Tdes(Tdes2Key::from_bytes(out))
+            }
+            Prepared::Sm4(cipher) => {
+                let mut input = [0u8; 16];
+                input[..8].copy_from_slice(factor);
+                input[8..].copy_from_slice(&not_factor);
+                let mut b = Array::from(input);
+                cipher.encrypt_block(&mut b);
+                PurseKey::Sm4(Sm4Key::from_bytes(b.into()))
+            }
+        }
+    }
+
+    /// See [`PurseKey::derive_card_key`].
+    pub fn derive_card_key(&self, higher_factors: &[[u8; 8]], asn: &Asn) -> PurseKey {
+        let factor = asn.diversification_factor();
+        match higher_factors.split_first() {
+            None => self.diversify(&factor),
+            Some((first, rest)) => {
+                let mut key = self.diversify(first);
+                for f in rest {
+                    key = key.diversify(f);
+                }
+                key.diversify(&factor)
+            }
+        }
+    }
+}
+
 fn load_session_input(random: [u8; 4], online_counter: u16) -> [u8; 8] {
     let mut input = [0u8; 8];
     input[..4].copy_from_slice(&random);
@@ -161,6 +205,25 @@ fn purchase_session_input(random: [u8; 4], offline_counter: u16, ttc: u32) -> [u
     input[4..6].copy_from_slice(&offline_counter.to_be_bytes());
     input[6..].copy_from_slice(&ttc.to_be_bytes()[2..]);
     input
+}
+
+/// Anything that makes 4-byte PBOC MACs: a [`MacKey`] or a [`PreparedMacKey`]. The MAC1 /
+/// MAC2 / TAC functions take either.
+pub trait PbocMac {
+    /// The PBOC MAC of `data` (zero IV, padding `80 00..`, leftmost 4 bytes).
+    fn pboc_mac(&self, data: &[u8]) -> Mac4;
+}
+
+impl PbocMac for MacKey {
+    fn pboc_mac(&self, data: &[u8]) -> Mac4 {
+        self.mac(data)
+    }
+}
+
+impl PbocMac for PreparedMacKey {
+    fn pboc_mac(&self, data: &[u8]) -> Mac4 {
+        self.mac(data)
+    }
 }
 
 /// A key that makes PBOC MACs: a session key or a TAC key.
@@ -195,6 +258,39 @@ impl MacKey {
             MacKey::Sm4(k) => k.expose_bytes(),
         }
     }
+
+    /// The key with its schedule computed once, for many MACs under one key (a cache of
+    /// per-card TAC keys in bulk TAC verification).
+    pub fn prepare(&self) -> PreparedMacKey {
+        PreparedMacKey(match self {
+            MacKey::Des(k) => PreparedMac::Des(k.cipher()),
+            MacKey::Sm4(k) => PreparedMac::Sm4(k.cipher()),
+        })
+    }
+}
+
+/// A [`MacKey`] with its key schedule ready; zeroised on drop by the cipher crates.
+pub struct PreparedMacKey(PreparedMac);
+
+enum PreparedMac {
+    Des(Des),
+    Sm4(Sm4),
+}
+
+impl fmt::Debug for PreparedMacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PreparedMacKey(<redacted>)")
+    }
+}
+
+impl PreparedMacKey {
+    /// The PBOC MAC of `data`, as [`MacKey::mac`].
+    pub fn mac(&self, data: &[u8]) -> Mac4 {
+        match &self.0 {
+            PreparedMac::Des(c) => pboc_mac_des_with(c, [0; 8], data),
+            PreparedMac::Sm4(c) => pboc_mac_sm4_with(c, [0; 16], data),
+        }
+    }
 }
 
 /// Writes byte strings one after the other into a fixed buffer: MAC inputs never allocate.
@@ -226,7 +322,7 @@ impl<const N: usize> Input<N> {
 /// MAC1 of INITIALIZE FOR LOAD, made by the card, checked by the host:
 /// `MAC_SESLK(oldBalance ‖ amount ‖ txType ‖ terminalId)`.
 pub fn load_mac1(
-    session: &MacKey,
+    session: &impl PbocMac,
     old_balance_fen: u32,
     amount_fen: u32,
     tx_type: TxType,
@@ -238,13 +334,13 @@ pub fn load_mac1(
         .put(&[tx_type.code()])
         .put(&terminal_id.to_bytes())
         .finish();
-    session.mac(&data)
+    session.pboc_mac(&data)
 }
 
 /// MAC2 of CREDIT FOR LOAD, made by the host (security module), checked by the card:
 /// `MAC_SESLK(amount ‖ txType ‖ terminalId ‖ date ‖ time)`.
 pub fn load_mac2(
-    session: &MacKey,
+    session: &impl PbocMac,
     amount_fen: u32,
     tx_type: TxType,
     terminal_id: &TerminalId,
@@ -256,14 +352,14 @@ pub fn load_mac2(
         .put(&terminal_id.to_bytes())
         .put(&date_time.to_bytes())
         .finish();
-    session.mac(&data)
+    session.pboc_mac(&data)
 }
 
 /// The TAC of a load, made by the card:
 /// `MAC_TAC(newBalance ‖ onlineCounter ‖ amount ‖ txType ‖ terminalId ‖ date ‖ time)`,
 /// where the counter is the one INITIALIZE returned.
 pub fn load_tac(
-    tac_key: &MacKey,
+    tac_key: &impl PbocMac,
     new_balance_fen: u32,
     online_counter: u16,
     amount_fen: u32,
@@ -279,13 +375,13 @@ pub fn load_tac(
         .put(&terminal_id.to_bytes())
         .put(&date_time.to_bytes())
         .finish();
-    tac_key.mac(&data)
+    tac_key.pboc_mac(&data)
 }
 
 /// MAC1 of DEBIT FOR PURCHASE, made by the PSAM, checked by the card:
 /// `MAC_SESPK(amount ‖ txType ‖ terminalId ‖ date ‖ time)`.
 pub fn purchase_mac1(
-    session: &MacKey,
+    session: &impl PbocMac,
     amount_fen: u32,
     tx_type: TxType,
     terminal_id: &TerminalId,
@@ -296,15 +392,15 @@ pub fn purchase_mac1(
 }
 
 /// MAC2 of DEBIT FOR PURCHASE, made by the card, checked by the PSAM: `MAC_SESPK(amount)`.
-pub fn purchase_mac2(session: &MacKey, amount_fen: u32) -> Mac4 {
-    session.mac(&amount_fen.to_be_bytes())
+pub fn purchase_mac2(session: &impl PbocMac, amount_fen: u32) -> Mac4 {
+    session.pboc_mac(&amount_fen.to_be_bytes())
 }
 
 /// The TAC of a purchase, made by the card, checked by the platform:
 /// `MAC_TAC(amount ‖ txType ‖ terminalId ‖ TTC ‖ date ‖ time)`. It covers neither the purse
 /// counter nor the balance.
 pub fn purchase_tac(
-    tac_key: &MacKey,
+    tac_key: &impl PbocMac,
     amount_fen: u32,
     tx_type: TxType,
     terminal_id: &TerminalId,
@@ -318,5 +414,5 @@ pub fn purchase_tac(
         .put(&ttc.to_be_bytes())
         .put(&date_time.to_bytes())
         .finish();
-    tac_key.mac(&data)
+    tac_key.pboc_mac(&data)
 }
