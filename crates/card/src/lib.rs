@@ -17,5 +17,12 @@
 //! - every vector of spec section 5 that concerns these primitives is a known-answer test
 //!   (`tests/vectors.rs`).
 
+pub mod apdu;
+mod codec;
+pub mod commands;
 pub mod crypto;
 pub mod purse;
+pub mod random;
+//TMP pub mod soft_card;
+
+pub use codec::StateError;
