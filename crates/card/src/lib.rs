@@ -21,8 +21,9 @@ pub mod apdu;
 mod codec;
 pub mod commands;
 pub mod crypto;
+pub mod psam;
 pub mod purse;
 pub mod random;
-//TMP pub mod soft_card;
+pub mod soft_card;
 
 pub use codec::StateError;
