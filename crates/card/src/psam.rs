@@ -8,7 +8,7 @@
 //! CREDIT SAM FOR PURCHASE (`80 72`). The TTC is part of the saved state, so a PSAM file
 //! never hands out a TTC twice.
 //!
-//! Diversification order with several factors (spec §2.2 [U], settled in §7.1): the factors
+//! Diversification order with several factors (spec §2.2 marks it uncertain, §7.1 settles it): the factors
 //! are applied from the last on the wire to the first, so the card ASN (always first) is
 //! applied last.
 

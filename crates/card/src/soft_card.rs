@@ -580,14 +580,12 @@ impl SoftCard {
             self.pin_verified = true;
             Ok(Response::ok(Vec::new()))
         } else {
+            // The failure that uses the last try answers 63C0; from then on the PIN is
+            // blocked and every VERIFY answers 6983.
             s.pin_tries_left -= 1;
             self.pin_verified = false;
-            Err(if s.pin_tries_left == 0 {
-                StatusWord::AuthenticationBlocked
-            } else {
-                StatusWord::WrongPin {
-                    tries_left: s.pin_tries_left,
-                }
+            Err(StatusWord::WrongPin {
+                tries_left: s.pin_tries_left,
             })
         }
     }

@@ -458,9 +458,10 @@ fn verify_paths() {
             ("0020000003 654321", 0x63C2),
             (&good, 0x9000), // success resets the tries
             ("0020000003 654321", 0x63C2),
-            ("0020000002 1234", 0x63C1), // a shorter PIN is a wrong PIN
-            ("0020000003 654321", 0x6983),
-            (&good, 0x6983), // blocked for good
+            ("0020000002 1234", 0x63C1),   // a shorter PIN is a wrong PIN
+            ("0020000003 654321", 0x63C0), // the last try
+            ("0020000003 654321", 0x6983), // blocked
+            (&good, 0x6983),               // blocked for good
             ("00A40000023F00", 0x9000),
             (&good, 0x6985), // the PIN lives in the ADF
         ],
