@@ -3,6 +3,9 @@
 //!
 //! The software card and PSAM use the same constants to decode, so a layout is written down
 //! once for both sides.
+//!
+//! The builders panic on arguments that cannot form a short APDU (a name over 255 bytes, an
+//! Le outside 1-256): those are programming errors, see [`Command::new`].
 
 use crate::apdu::Command;
 use crate::crypto::{Mac4, PurseAlgorithm};

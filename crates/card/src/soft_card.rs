@@ -216,9 +216,7 @@ struct Persistent {
     load_keys: Vec<CardKey>,
     purchase_keys: Vec<CardKey>,
     tac_key: TacKey,
-    /// The PIN in VERIFY form (BCD, `F`-padded), and how many of the bytes are used.
-    pin_bcd: Zeroizing<[u8; 6]>,
-    pin_bcd_len: u8,
+    pin: Pin,
     pin_tries_left: u8,
     pin_tries_max: u8,
     balance_max_fen: u32,
@@ -290,15 +288,13 @@ impl SoftCard {
         if [FID_MF, FID_EF0015, FID_EF0018].contains(&p.adf_fid) {
             return Err(PersonaliseError::AdfFid);
         }
-        let (bcd, len) = p.pin.to_verify_bcd();
         Ok(SoftCard::from_state(Persistent {
             issuer_data: p.issuer_data,
             adf_fid: p.adf_fid,
             load_keys: p.load_keys,
             purchase_keys: p.purchase_keys,
             tac_key: p.tac_key,
-            pin_bcd: Zeroizing::new(bcd),
-            pin_bcd_len: len as u8,
+            pin: p.pin,
             pin_tries_left: p.pin_tries_max,
             pin_tries_max: p.pin_tries_max,
             balance_max_fen: p.balance_max_fen,
@@ -360,9 +356,11 @@ impl SoftCard {
 
     /// The answer-to-reset bytes a reader would see (T=1, no historical meaning).
     pub fn atr(&self) -> &'static [u8] {
+        // TS, T0 (TD1 and 10 historical bytes), TD1 (T=0, TD2), TD2 (T=1), "ONECARD-EP",
+        // and TCK, the XOR of T0 to the last historical byte.
         &[
             0x3B, 0x8A, 0x80, 0x01, b'O', b'N', b'E', b'C', b'A', b'R', b'D', b'-', b'E', b'P',
-            0x38,
+            0x63,
         ]
     }
 
@@ -572,7 +570,9 @@ impl SoftCard {
         if s.pin_tries_left == 0 {
             return Err(StatusWord::AuthenticationBlocked);
         }
-        let stored = &s.pin_bcd[..usize::from(s.pin_bcd_len)];
+        let (bcd, len) = s.pin.to_verify_bcd();
+        let bcd = Zeroizing::new(bcd);
+        let stored = &bcd[..len];
         // Lengths are public (they are the APDU's Lc); the digits are compared in constant time.
         let matches = stored.len() == c.data().len() && bool::from(stored.ct_eq(c.data()));
         if matches {
@@ -942,8 +942,10 @@ impl SoftCard {
                 write_key(&mut w, &k.key);
             }
         }
-        w.bytes(&s.pin_bcd[..]);
-        w.u8(s.pin_bcd_len);
+        let (pin_bcd, pin_bcd_len) = s.pin.to_verify_bcd();
+        let pin_bcd = Zeroizing::new(pin_bcd);
+        w.bytes(&pin_bcd[..]);
+        w.u8(pin_bcd_len as u8);
         w.u8(s.pin_tries_left);
         w.u8(s.pin_tries_max);
         w.u32(s.balance_max_fen);
@@ -999,11 +1001,10 @@ impl SoftCard {
         let [load_keys, purchase_keys] = key_lists;
         let pin_bcd = Zeroizing::new(r.array::<6>()?);
         let pin_bcd_len = r.u8()?;
-        let pin_ok = (2..=6).contains(&pin_bcd_len)
-            && Pin::from_verify_bcd(&pin_bcd[..usize::from(pin_bcd_len)]).is_ok();
-        if !pin_ok {
-            return Err(StateError::Invalid("PIN"));
-        }
+        let pin = pin_bcd
+            .get(..usize::from(pin_bcd_len))
+            .and_then(|bcd| Pin::from_verify_bcd(bcd).ok())
+            .ok_or(StateError::Invalid("PIN"))?;
         let pin_tries_left = r.u8()?;
         let pin_tries_max = r.u8()?;
         if !(1..=PIN_TRIES_MAX).contains(&pin_tries_max) || pin_tries_left > pin_tries_max {
@@ -1048,8 +1049,7 @@ impl SoftCard {
             load_keys,
             purchase_keys,
             tac_key,
-            pin_bcd,
-            pin_bcd_len,
+            pin,
             pin_tries_left,
             pin_tries_max,
             balance_max_fen,

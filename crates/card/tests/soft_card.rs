@@ -584,6 +584,17 @@ fn debug_output_holds_no_key() {
     assert!(shown.contains("redacted"));
     assert!(!shown.contains(&to_hex(&dlk.expose_bytes()[..4])));
     assert!(!shown.contains(&format!("{:?}", &dlk.expose_bytes()[..4])));
+    // The PIN (123456) appears neither as BCD bytes nor as digits.
+    assert!(!shown.contains("[18, 52, 86"), "{shown}");
+    assert!(!shown.contains("123456"), "{shown}");
+}
+
+#[test]
+fn atr_has_a_valid_check_byte() {
+    let (card, _) = loaded_card();
+    let atr = card.atr();
+    assert_eq!(atr[0], 0x3B);
+    assert_eq!(atr[1..].iter().fold(0u8, |x, b| x ^ b), 0, "TCK");
 }
 
 /// CRC-32 (IEEE), to forge a well-formed but invalid state.
