@@ -470,20 +470,25 @@ fn card_file_round_trip_keeps_purse_records_and_proofs() {
 enum Step {
     Load(u32),
     Purchase(u32),
+    /// The card is torn at this point of the CREDIT or DEBIT.
+    Torn(TearPoint),
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        (1u32..=20_000).prop_map(Step::Load),
-        (1u32..=20_000).prop_map(Step::Purchase),
+        4 => (1u32..=20_000).prop_map(Step::Load),
+        4 => (1u32..=20_000).prop_map(Step::Purchase),
+        1 => prop_oneof![Just(TearPoint::BeforeCommit), Just(TearPoint::AfterCommit)]
+            .prop_map(Step::Torn),
     ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    // Any sequence of loads and purchases (accepted or refused) keeps the card balance equal
-    // to the sum of its EF0018 records' effects, and every record's counter is distinct.
+    // Any sequence of loads and purchases (accepted, refused or torn) keeps the card balance
+    // equal to the sum of its EF0018 records' effects, and the counters in the records are
+    // exactly 0..counter of each family. An armed tear cuts the next CREDIT or DEBIT.
     #[test]
     fn balance_is_the_sum_of_the_records(
         steps in proptest::collection::vec(step(), 1..40),
@@ -497,22 +502,48 @@ proptest! {
         let mut psam = issuer.psam(terminal());
         let mut rng = rng(seed);
         let dt = when("20240907130000");
+        let mut armed = None;
         for s in &steps {
             match *s {
+                Step::Torn(point) => {
+                    card.arm_tear(point);
+                    armed = Some(point);
+                }
                 Step::Load(amount) => {
+                    let before = card.balance_fen();
                     let end = load(&issuer, &mut card, &mut rng, amount, &terminal(), &dt);
-                    prop_assert!(matches!(
-                        end,
-                        LoadEnd::Done { .. } | LoadEnd::InitRefused(StatusWord::ConditionsNotSatisfied)
-                    ), "{:?}", end);
+                    match end {
+                        LoadEnd::Done { .. } => prop_assert!(armed.is_none()),
+                        LoadEnd::InitRefused(StatusWord::ConditionsNotSatisfied) => {}
+                        LoadEnd::Torn { recovered } => {
+                            let point = armed.take();
+                            prop_assert!(point.is_some());
+                            let committed = point == Some(TearPoint::AfterCommit);
+                            prop_assert_eq!(recovered.is_some(), committed);
+                            let expected = if committed { before + amount } else { before };
+                            prop_assert_eq!(card.balance_fen(), expected);
+                        }
+                        other => prop_assert!(false, "{:?}", other),
+                    }
                 }
                 Step::Purchase(amount) => {
                     let before = card.balance_fen();
                     let end = purchase(&mut card, &mut psam, &mut rng, amount, &dt);
                     match end {
                         PurchaseEnd::Done(record) => {
+                            prop_assert!(armed.is_none());
                             prop_assert!(issuer.purchase_tac_ok(&asn(11), &record));
                             prop_assert_eq!(record.balance_before_fen, before);
+                        }
+                        PurchaseEnd::Torn { counter_advanced, recovered } => {
+                            let committed = armed.take() == Some(TearPoint::AfterCommit);
+                            prop_assert_eq!(counter_advanced, committed);
+                            if let Some((_, record)) = recovered {
+                                prop_assert!(committed);
+                                prop_assert!(issuer.purchase_tac_ok(&asn(11), &record));
+                            }
+                            let expected = if committed { before - amount } else { before };
+                            prop_assert_eq!(card.balance_fen(), expected);
                         }
                         PurchaseEnd::InitRefused(StatusWord::InsufficientBalance) => {
                             prop_assert!(amount > before);
