@@ -978,6 +978,9 @@ impl SoftCard {
         let mut r = Reader::open(bytes, STATE_MAGIC, STATE_VERSION)?;
         let issuer_data = IssuerData::parse(&r.array::<30>()?).expect("30 bytes");
         let adf_fid = r.u16()?;
+        if [FID_MF, FID_EF0015, FID_EF0018].contains(&adf_fid) {
+            return Err(StateError::Invalid("ADF FID"));
+        }
         let tac_version = r.u8()?;
         let tac_key = TacKey {
             version: tac_version,
