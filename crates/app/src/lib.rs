@@ -96,7 +96,7 @@ impl App {
     pub async fn account_transfers(
         &self,
         id: AccountId,
-        before: i64,
+        before: Option<i64>,
         limit: u32,
     ) -> anyhow::Result<Vec<JournalEntry>> {
         self.store.account_transfers(id, before, limit).await

@@ -100,6 +100,14 @@ impl Dialect {
         }
     }
 
+    /// Null-safe "differs".
+    fn differs(self, a: &str, b: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("{a} IS NOT {b}"),
+            Dialect::Postgres => format!("{a} IS DISTINCT FROM {b}"),
+        }
+    }
+
     fn id_text(self, col: &str) -> String {
         match self {
             Dialect::Sqlite => format!("lower(hex({col}))"),
@@ -150,7 +158,33 @@ pub(crate) fn mismatches_sql(d: Dialect) -> String {
 pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
     let hold_id = d.id_text("h.id");
     let t_id = d.id_text("t.id");
+    let applied_sides = "SELECT seq, debit_account_id AS account_id, debit_prev_seq AS prev \
+         FROM transfers WHERE result = 0 \
+         UNION ALL SELECT seq, credit_account_id, credit_prev_seq FROM transfers WHERE result = 0";
+    let head_differs = d.differs("a.last_seq", "m.newest");
+    let link_differs = d.differs("w.prev", "w.expected");
     vec![
+        // History chains (see journal.rs): each account's head is its newest applied transfer,
+        // and each applied transfer links to the previous one of each of its accounts.
+        format!(
+            "SELECT 'account ' || a.id || ' history starts at seq ' || \
+                    COALESCE(CAST(a.last_seq AS TEXT), 'none') || \
+                    ' but its newest applied transfer is seq ' || \
+                    COALESCE(CAST(m.newest AS TEXT), 'none') \
+             FROM accounts a LEFT JOIN ( \
+               SELECT account_id, MAX(seq) AS newest FROM ({applied_sides}) s GROUP BY account_id \
+             ) m ON m.account_id = a.id \
+             WHERE {head_differs} LIMIT {REPORT_ROWS_MAX}"
+        ),
+        format!(
+            "SELECT 'transfer at seq ' || w.seq || ' links the history of account ' || \
+                    w.account_id || ' to seq ' || COALESCE(CAST(w.prev AS TEXT), 'none') || \
+                    ' instead of ' || COALESCE(CAST(w.expected AS TEXT), 'none') \
+             FROM (SELECT seq, account_id, prev, \
+                          LAG(seq) OVER (PARTITION BY account_id ORDER BY seq) AS expected \
+                   FROM ({applied_sides}) s) w \
+             WHERE {link_differs} LIMIT {REPORT_ROWS_MAX}"
+        ),
         format!(
             "SELECT 'account ' || id || ' must not overdraw but its debits exceed its credits' \
              FROM accounts WHERE kind IN (1, 2, 3, 6, 7) \

@@ -14,6 +14,7 @@
 //!   accounts): a bug in one is caught by the other.
 
 mod check;
+mod journal;
 mod migrate;
 mod pg;
 mod sqlite;
@@ -282,14 +283,16 @@ impl Store {
         }
     }
 
-    /// Transfers that debit or credit the account, newest first, with `seq` below `before`.
+    /// Applied transfers that debit or credit the account, newest first: a page of its
+    /// history. `before` is the `seq` of the last transfer of the previous page (`None` for
+    /// the newest page); a `seq` that is not in this account's history gives an empty page.
     pub async fn account_transfers(
         &self,
         id: AccountId,
-        before: i64,
+        before: Option<i64>,
         limit: u32,
     ) -> anyhow::Result<Vec<JournalEntry>> {
-        let limit = limit.min(LIST_LIMIT_MAX);
+        let limit = limit.clamp(1, LIST_LIMIT_MAX);
         match self {
             Store::Sqlite(s) => s.account_transfers(id, before, limit).await,
             Store::Postgres(s) => s.account_transfers(id, before, limit).await,

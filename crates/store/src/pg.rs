@@ -23,6 +23,7 @@ type Param = dyn ToSql + Sync;
 use uuid::Uuid;
 
 use crate::check::{self, CheckReport, Dialect, Mismatch};
+use crate::journal::{self, Heads, Link};
 use crate::migrate::{self, Migration};
 use crate::sqlite::result_code;
 use crate::{
@@ -323,21 +324,13 @@ impl PgStore {
     pub async fn account_transfers(
         &self,
         id: AccountId,
-        before: i64,
+        before: Option<i64>,
         limit: u32,
     ) -> anyhow::Result<Vec<JournalEntry>> {
         let client = self.client().await?;
         let rows = client
             .query(
-                &format!(
-                    "SELECT * FROM ( \
-                       (SELECT {TRANSFER_COLUMNS} FROM transfers \
-                        WHERE debit_account_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3) \
-                       UNION \
-                       (SELECT {TRANSFER_COLUMNS} FROM transfers \
-                        WHERE credit_account_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3) \
-                     ) x ORDER BY seq DESC LIMIT $3"
-                ),
+                &journal::history_sql('$'),
                 &[&id.get(), &before, &i64::from(limit)],
             )
             .await
@@ -412,7 +405,7 @@ impl PgStore {
             ledger.load_hold(hold_row(&row)?);
         }
         let n = ledger.expire(now);
-        write_changes(&tx, ledger.take_changes()).await?;
+        write_changes(&tx, ledger.take_changes(), &[], &Heads::default()).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(n)
     }
@@ -603,8 +596,11 @@ async fn commit_group(
     let records = tx.query(&records_sql, &[&ids]).await?;
     let holds = tx.query(&holds_sql, &[&pending_ids]).await?;
     ledger.clear();
+    let mut heads = Heads::default();
     for row in &accounts {
-        ledger.load_account(account_row(row)?.account);
+        let account = account_row(row)?.account;
+        heads.insert(account.id, row.get(ACCOUNT_LAST_SEQ));
+        ledger.load_account(account);
     }
     for row in &records {
         ledger.load_record(journal_entry(row)?.record);
@@ -616,14 +612,31 @@ async fn commit_group(
         .iter()
         .map(|r| ledger.apply_batch(&r.transfers, r.now))
         .collect();
-    write_changes(&tx, ledger.take_changes()).await?;
+    let changes = ledger.take_changes();
+    // Taken under the account locks, so per account seq grows in the order transfers applied.
+    let mut seqs: Vec<i64> = tx
+        .query(
+            "SELECT nextval('transfers_seq') FROM generate_series(1, $1::int)",
+            &[&i32::try_from(changes.records.len()).unwrap_or(i32::MAX)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    seqs.sort_unstable();
+    let links = journal::link(&changes.records, seqs, &mut heads);
+    write_changes(&tx, changes, &links, &heads).await?;
     tx.commit().await?;
     Ok(outcomes)
 }
 
+/// Writes a group's changes. `links` has one entry per record; `heads` the new chain heads
+/// (an account missing from it keeps its `last_seq`).
 async fn write_changes(
     tx: &deadpool_postgres::Transaction<'_>,
     changes: ledger::Changes,
+    links: &[Link],
+    heads: &Heads,
 ) -> Result<(), tokio_postgres::Error> {
     let a = &changes.accounts;
     let ids: Vec<i64> = a.iter().map(|a| a.id.get()).collect();
@@ -632,6 +645,10 @@ async fn write_changes(
     let cp: Vec<i64> = a.iter().map(|a| a.credits_posted.get()).collect();
     let dh: Vec<i64> = a.iter().map(|a| a.debits_pending.get()).collect();
     let ch: Vec<i64> = a.iter().map(|a| a.credits_pending.get()).collect();
+    let last: Vec<Option<i64>> = a
+        .iter()
+        .map(|a| heads.get(&a.id).copied().flatten())
+        .collect();
 
     let r = &changes.records;
     let t_id: Vec<Uuid> = r.iter().map(|r| r.transfer.id.to_uuid()).collect();
@@ -651,6 +668,9 @@ async fn write_changes(
     let t_code: Vec<i32> = r.iter().map(|r| i32::from(r.transfer.code)).collect();
     let t_result: Vec<i16> = r.iter().map(|r| result_code(r.outcome)).collect();
     let t_time: Vec<i64> = r.iter().map(|r| r.timestamp.0).collect();
+    let t_seq: Vec<i64> = links.iter().map(|l| l.seq).collect();
+    let t_debit_prev: Vec<Option<i64>> = links.iter().map(|l| l.debit_prev).collect();
+    let t_credit_prev: Vec<Option<i64>> = links.iter().map(|l| l.credit_prev).collect();
 
     let h = &changes.holds;
     let h_id: Vec<Uuid> = h.iter().map(|h| h.id.to_uuid()).collect();
@@ -660,27 +680,39 @@ async fn write_changes(
     let h_expires: Vec<i64> = h.iter().map(|h| h.expires_at.0).collect();
     let h_state: Vec<i16> = h.iter().map(|h| h.state.code()).collect();
 
-    let update_params: [&Param; 6] = [&ids, &status, &dp, &cp, &dh, &ch];
-    let insert_params: [&Param; 11] = [
-        &t_id, &t_debit, &t_credit, &t_amount, &t_kind, &t_pending, &t_timeout, &t_linked, &t_code,
-        &t_result, &t_time,
+    let update_params: [&Param; 7] = [&ids, &status, &dp, &cp, &dh, &ch, &last];
+    let insert_params: [&Param; 14] = [
+        &t_id,
+        &t_debit,
+        &t_credit,
+        &t_amount,
+        &t_kind,
+        &t_pending,
+        &t_timeout,
+        &t_linked,
+        &t_code,
+        &t_result,
+        &t_time,
+        &t_seq,
+        &t_debit_prev,
+        &t_credit_prev,
     ];
     let upsert_params: [&Param; 6] = [&h_id, &h_debit, &h_credit, &h_amount, &h_expires, &h_state];
     let update = tx.execute(
         "UPDATE accounts a SET status = u.status, debits_posted = u.dp, credits_posted = u.cp, \
-           debits_pending = u.dh, credits_pending = u.ch \
+           debits_pending = u.dh, credits_pending = u.ch, last_seq = COALESCE(u.last, a.last_seq) \
          FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[], \
-                     $6::bigint[]) AS u(id, status, dp, cp, dh, ch) \
+                     $6::bigint[], $7::bigint[]) AS u(id, status, dp, cp, dh, ch, last) \
          WHERE a.id = u.id",
         &update_params,
     );
     // Awaited in order below: records before holds, since a hold references its transfer.
     let insert = tx.execute(
         "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
-           timeout_s, linked, code, result, timestamp) \
+           timeout_s, linked, code, result, timestamp, seq, debit_prev_seq, credit_prev_seq) \
          SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
            $5::smallint[], $6::uuid[], $7::int[], $8::bool[], $9::int[], $10::smallint[], \
-           $11::bigint[])",
+           $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[])",
         &insert_params,
     );
     let upsert = tx.execute(
@@ -716,7 +748,9 @@ async fn applied(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<
 }
 
 const ACCOUNT_COLUMNS: &str = "id, kind, status, debits_posted, credits_posted, debits_pending, \
-    credits_pending, name, created_at";
+    credits_pending, name, created_at, last_seq";
+/// The column of `last_seq` in [`ACCOUNT_COLUMNS`].
+const ACCOUNT_LAST_SEQ: usize = 9;
 const TRANSFER_COLUMNS: &str = "id, debit_account_id, credit_account_id, amount, kind, \
     pending_id, timeout_s, linked, code, result, timestamp, seq";
 const HOLD_COLUMNS: &str = "id, debit_account_id, credit_account_id, amount, expires_at, state";

@@ -21,6 +21,7 @@ use rustc_hash::FxHashSet;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::check::{self, CheckReport, Dialect, Mismatch};
+use crate::journal::{self, Heads, Link};
 use crate::migrate::{self, Migration};
 use crate::{
     AccountRow, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError, StoreOptions,
@@ -29,6 +30,10 @@ use crate::{
 
 /// How long a write waits for another process's write lock before failing.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Database page size for new databases. Small pages because the journal's per-account
+/// indexes take one random insert per transfer: every commit dirties about one index page per
+/// transfer, and WAL writes whole pages, so smaller pages mean less to write and fsync.
+const PAGE_BYTES: u32 = 4_096;
 /// Page cache of the writer connection, in KiB: the hot part of accounts and indexes stays in it.
 const CACHE_KIB: u32 = 64 * 1024;
 /// WAL pages written before SQLite copies them back into the database file. Larger than
@@ -98,6 +103,8 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
         .with_context(|| format!("opening SQLite database {}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
     rusqlite::vtab::array::load_module(&conn)?;
+    // Only takes effect on a new, empty database (before WAL mode and the first table).
+    conn.execute_batch(&format!("PRAGMA page_size = {PAGE_BYTES};"))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     anyhow::ensure!(
         mode.eq_ignore_ascii_case("wal"),
@@ -358,20 +365,12 @@ impl SqliteStore {
     pub async fn account_transfers(
         &self,
         id: AccountId,
-        before: i64,
+        before: Option<i64>,
         limit: u32,
     ) -> anyhow::Result<Vec<JournalEntry>> {
         self.read(move |conn| {
-            // Two index range scans merged: each side uses its own (account, seq) index.
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT * FROM ( \
-                   SELECT * FROM ({TRANSFER_SELECT} WHERE debit_account_id = ?1 AND seq < ?2 \
-                                  ORDER BY seq DESC LIMIT ?3) \
-                   UNION \
-                   SELECT * FROM ({TRANSFER_SELECT} WHERE credit_account_id = ?1 AND seq < ?2 \
-                                  ORDER BY seq DESC LIMIT ?3) \
-                 ) ORDER BY seq DESC LIMIT ?3"
-            ))?;
+            let sql = journal::history_sql('?');
+            let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map(params![id.get(), before, limit], journal_entry)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -410,7 +409,7 @@ impl SqliteStore {
                 ledger.load_hold(*h);
             }
             let n = ledger.expire(now);
-            write_changes(&tx, ledger.take_changes())?;
+            write_changes(&tx, ledger.take_changes(), &[], &Heads::default())?;
             tx.commit()?;
             Ok(n)
         })
@@ -543,12 +542,24 @@ fn commit_group(
 ) -> anyhow::Result<Vec<Vec<Outcome>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     ledger.clear();
-    prefetch(&tx, ledger, group.iter().flat_map(|r| &r.transfers))?;
+    let mut heads = Heads::default();
+    prefetch(
+        &tx,
+        ledger,
+        &mut heads,
+        group.iter().flat_map(|r| &r.transfers),
+    )?;
     let outcomes: Vec<Vec<Outcome>> = group
         .iter()
         .map(|r| ledger.apply_batch(&r.transfers, r.now))
         .collect();
-    write_changes(&tx, ledger.take_changes())?;
+    let changes = ledger.take_changes();
+    // The writer holds the write lock: nobody else appends to the journal meanwhile.
+    let last: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM transfers", [], |r| {
+        r.get(0)
+    })?;
+    let links = journal::link(&changes.records, last + 1.., &mut heads);
+    write_changes(&tx, changes, &links, &heads)?;
     tx.commit()?;
     Ok(outcomes)
 }
@@ -558,6 +569,7 @@ fn commit_group(
 fn prefetch<'a>(
     tx: &rusqlite::Transaction<'_>,
     ledger: &mut Ledger,
+    heads: &mut Heads,
     transfers: impl Iterator<Item = &'a Transfer>,
 ) -> anyhow::Result<()> {
     let mut accounts = FxHashSet::default();
@@ -580,8 +592,11 @@ fn prefetch<'a>(
     };
     let accounts: Rc<Vec<Value>> = Rc::new(accounts.into_iter().map(Value::Integer).collect());
     let mut stmt = tx.prepare_cached(&format!("{ACCOUNT_SELECT} WHERE id IN rarray(?1)"))?;
-    for row in stmt.query_map([accounts], account_row)? {
-        ledger.load_account(row?.account);
+    let mut rows = stmt.query([accounts])?;
+    while let Some(row) = rows.next()? {
+        let account = account_row(row)?.account;
+        heads.insert(account.id, row.get(ACCOUNT_LAST_SEQ)?);
+        ledger.load_account(account);
     }
     let mut stmt = tx.prepare_cached(&format!("{TRANSFER_SELECT} WHERE id IN rarray(?1)"))?;
     for e in stmt.query_map([values(ids)], journal_entry)? {
@@ -596,10 +611,18 @@ fn prefetch<'a>(
     Ok(())
 }
 
-fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> anyhow::Result<()> {
+/// Writes a group's changes. `links` has one entry per record; `heads` the new chain heads
+/// (an account missing from it keeps its `last_seq`).
+fn write_changes(
+    tx: &rusqlite::Transaction<'_>,
+    changes: ledger::Changes,
+    links: &[Link],
+    heads: &Heads,
+) -> anyhow::Result<()> {
     let mut update = tx.prepare_cached(
         "UPDATE accounts SET status = ?2, debits_posted = ?3, credits_posted = ?4, \
-         debits_pending = ?5, credits_pending = ?6 WHERE id = ?1",
+         debits_pending = ?5, credits_pending = ?6, last_seq = COALESCE(?7, last_seq) \
+         WHERE id = ?1",
     )?;
     for a in &changes.accounts {
         let n = update.execute(params![
@@ -608,13 +631,15 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> an
             a.debits_posted.get(),
             a.credits_posted.get(),
             a.debits_pending.get(),
-            a.credits_pending.get()
+            a.credits_pending.get(),
+            heads.get(&a.id).copied().flatten()
         ])?;
         anyhow::ensure!(n == 1, "account {} vanished during a commit", a.id);
     }
     // Many rows per statement: one statement step instead of one per transfer.
     let full = insert_transfers_sql(INSERT_ROWS_PER_STATEMENT);
-    let mut chunks = changes.records.chunks_exact(INSERT_ROWS_PER_STATEMENT);
+    let rows: Vec<(&TransferRecord, &Link)> = changes.records.iter().zip(links).collect();
+    let mut chunks = rows.chunks_exact(INSERT_ROWS_PER_STATEMENT);
     for chunk in chunks.by_ref() {
         insert_transfers(&mut tx.prepare_cached(&full)?, chunk)?;
     }
@@ -642,44 +667,35 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: ledger::Changes) -> an
     Ok(())
 }
 
-/// Transfers inserted by one statement (11 parameters each; SQLite allows 32,766).
+/// Transfers inserted by one statement (SQLite allows 32,766 parameters).
 const INSERT_ROWS_PER_STATEMENT: usize = 64;
+/// Parameters per inserted transfer.
+const TRANSFER_PARAMS: usize = 14;
 
 fn insert_transfers_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, \
-         timeout_s, linked, code, result, timestamp) VALUES ",
+         timeout_s, linked, code, result, timestamp, seq, debit_prev_seq, credit_prev_seq) VALUES ",
     );
     for i in 0..rows {
-        let p = i * 11;
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str(&format!(
-            "(?{},?{},?{},?{},?{},?{},?{},?{},?{},?{},?{})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8,
-            p + 9,
-            p + 10,
-            p + 11
-        ));
+        let params: Vec<String> = (1..=TRANSFER_PARAMS)
+            .map(|k| format!("?{}", i * TRANSFER_PARAMS + k))
+            .collect();
+        sql.push_str(&format!("({})", params.join(",")));
     }
     sql
 }
 
 fn insert_transfers(
     stmt: &mut rusqlite::CachedStatement<'_>,
-    records: &[TransferRecord],
+    rows: &[(&TransferRecord, &Link)],
 ) -> rusqlite::Result<()> {
-    for (i, r) in records.iter().enumerate() {
+    for (i, (r, link)) in rows.iter().enumerate() {
         let t = &r.transfer;
-        let p = i * 11;
+        let p = i * TRANSFER_PARAMS;
         stmt.raw_bind_parameter(p + 1, t.id.to_bytes())?;
         stmt.raw_bind_parameter(p + 2, t.debit.get())?;
         stmt.raw_bind_parameter(p + 3, t.credit.get())?;
@@ -691,9 +707,12 @@ fn insert_transfers(
         stmt.raw_bind_parameter(p + 9, t.code)?;
         stmt.raw_bind_parameter(p + 10, result_code(r.outcome))?;
         stmt.raw_bind_parameter(p + 11, r.timestamp.0)?;
+        stmt.raw_bind_parameter(p + 12, link.seq)?;
+        stmt.raw_bind_parameter(p + 13, link.debit_prev)?;
+        stmt.raw_bind_parameter(p + 14, link.credit_prev)?;
     }
     let n = stmt.raw_execute()?;
-    debug_assert_eq!(n, records.len());
+    debug_assert_eq!(n, rows.len());
     Ok(())
 }
 
@@ -735,7 +754,9 @@ pub(crate) fn result_code(outcome: Outcome) -> i16 {
 }
 
 const ACCOUNT_SELECT: &str = "SELECT id, kind, status, debits_posted, credits_posted, \
-    debits_pending, credits_pending, name, created_at FROM accounts";
+    debits_pending, credits_pending, name, created_at, last_seq FROM accounts";
+/// The column of `last_seq` in [`ACCOUNT_SELECT`].
+const ACCOUNT_LAST_SEQ: usize = 9;
 const TRANSFER_SELECT: &str = "SELECT id, debit_account_id, credit_account_id, amount, kind, \
     pending_id, timeout_s, linked, code, result, timestamp, seq FROM transfers";
 const HOLD_SELECT: &str = "SELECT id, debit_account_id, credit_account_id, amount, expires_at, \

@@ -94,9 +94,22 @@ conformance! {
         let e = s.transfer(tid(2)).await.unwrap().unwrap();
         assert_eq!(e.record.transfer, t(2, c.alice, c.canteen, 1_250));
         assert_eq!(e.record.outcome, Ok(NOW));
-        let history = s.account_transfers(c.alice, i64::MAX, 10).await.unwrap();
+        let history = s.account_transfers(c.alice, None, 10).await.unwrap();
         let ids: Vec<TransferId> = history.iter().map(|e| e.record.transfer.id).collect();
         assert_eq!(ids, vec![tid(2), tid(1)], "newest first");
+        // Paging: the cursor is the seq of the last entry of the previous page.
+        let first = s.account_transfers(c.alice, None, 1).await.unwrap();
+        assert_eq!(first[0].record.transfer.id, tid(2));
+        let second = s.account_transfers(c.alice, Some(first[0].seq), 1).await.unwrap();
+        assert_eq!(second[0].record.transfer.id, tid(1));
+        let end = s.account_transfers(c.alice, Some(second[0].seq), 1).await.unwrap();
+        assert!(end.is_empty());
+        // A rejected transfer is stored but is not part of the account's history.
+        let no = s.submit(vec![t(3, c.alice, c.canteen, 1_000_000)], NOW).await.unwrap();
+        assert_eq!(no, vec![Err(Rejection::InsufficientBalance)]);
+        assert_eq!(s.account_transfers(c.alice, None, 10).await.unwrap().len(), 2);
+        let canteen = s.account_transfers(c.canteen, None, 10).await.unwrap();
+        assert_eq!(canteen.len(), 1);
         let named = s.account_by_name("canteen-1").await.unwrap().unwrap();
         assert_eq!(named.account.id, c.canteen);
         assert_eq!(s.accounts(0, 2).await.unwrap().len(), 2);
@@ -293,6 +306,13 @@ conformance! {
         assert_eq!(report.bad_accounts(), vec![c.canteen.get()]);
         assert_eq!(report.credits_posted_total - report.debits_posted_total, 1);
         assert!(report.to_string().contains(&format!("account {}", c.canteen.get())));
+        // A broken history chain is named too.
+        db.raw(&format!("UPDATE accounts SET last_seq = NULL WHERE id = {}", c.alice.get()))
+            .await
+            .unwrap();
+        let report = s.check().await.unwrap();
+        let expected = format!("account {} history starts at seq none", c.alice.get());
+        assert!(report.problems.iter().any(|p| p.starts_with(&expected)), "{report}");
     }
 }
 

@@ -252,7 +252,10 @@ async fn account_transfers(
     Query(page): Query<Page>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = account_id(&id)?;
-    let before = Page::cursor(&page.before, "before", i64::MAX)?;
+    let before = match &page.before {
+        None => None,
+        Some(_) => Some(Page::cursor(&page.before, "before", 0)?),
+    };
     let limit = page.limit()?;
     if app.account(id).await?.is_none() {
         return Err(ApiError::not_found(format!("no account {id}")));

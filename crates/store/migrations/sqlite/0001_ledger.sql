@@ -11,6 +11,8 @@ CREATE TABLE accounts (
     debits_pending  INTEGER NOT NULL DEFAULT 0 CHECK (debits_pending >= 0),
     credits_pending INTEGER NOT NULL DEFAULT 0 CHECK (credits_pending >= 0),
     created_at      INTEGER NOT NULL,
+    -- The newest applied transfer of this account: the head of its history chain.
+    last_seq        INTEGER,
     -- Liability accounts never go below zero (the ledger checks it too).
     CHECK (kind NOT IN (1, 2, 3, 6, 7) OR debits_posted + debits_pending <= credits_posted)
 ) STRICT;
@@ -29,11 +31,16 @@ CREATE TABLE transfers (
     -- 0: applied; otherwise the stored rejection's code.
     result            INTEGER NOT NULL,
     timestamp         INTEGER NOT NULL,
-    CHECK (result <> 0 OR (amount > 0 AND debit_account_id <> credit_account_id))
+    -- History chains: the previous applied transfer of the debit (credit) account.
+    debit_prev_seq    INTEGER,
+    credit_prev_seq   INTEGER,
+    CHECK (result <> 0 OR (amount > 0 AND debit_account_id <> credit_account_id)),
+    CHECK (result = 0 OR (debit_prev_seq IS NULL AND credit_prev_seq IS NULL)),
+    CHECK (debit_prev_seq < seq AND credit_prev_seq < seq)
 ) STRICT;
 
-CREATE INDEX transfers_debit ON transfers (debit_account_id, seq);
-CREATE INDEX transfers_credit ON transfers (credit_account_id, seq);
+-- No index by account: one random index insert per transfer is what limits a B-tree journal.
+-- An account's history is a chain through debit_prev_seq/credit_prev_seq from last_seq.
 CREATE INDEX transfers_pending ON transfers (pending_id) WHERE pending_id IS NOT NULL;
 
 CREATE TRIGGER transfers_append_only_update BEFORE UPDATE ON transfers
