@@ -320,6 +320,25 @@ impl Ledger {
             return;
         }
 
+        // Input first, for every member: a chain with malformed input is refused whole and
+        // stored nowhere, even when another member would also fail a business rule.
+        let mut held_in_chain = Vec::new();
+        for (i, t) in chain.iter().enumerate() {
+            if let Err(reason) = self.check_input(t, &held_in_chain) {
+                outcomes.extend((0..chain.len()).map(|j| {
+                    Err(if j == i {
+                        reason
+                    } else {
+                        Rejection::LinkedEventFailed
+                    })
+                }));
+                return;
+            }
+            if let TransferKind::Pending { .. } = t.kind {
+                held_in_chain.push(t.id);
+            }
+        }
+
         let mut undo = Vec::new();
         let mut failure = None;
         for (i, t) in chain.iter().enumerate() {
@@ -355,8 +374,9 @@ impl Ledger {
         }
     }
 
-    /// Checks a new transfer against the state and computes its effect; changes nothing.
-    fn validate(&self, t: &Transfer, now: Timestamp) -> Result<Effect, Rejection> {
+    /// The input checks: the body alone, and that what it names exists. `held_in_chain` are
+    /// holds created by earlier members of the same chain, which count as existing.
+    fn check_input(&self, t: &Transfer, held_in_chain: &[TransferId]) -> Result<(), Rejection> {
         if t.amount == Fen::ZERO {
             return Err(Rejection::AmountMustNotBeZero);
         }
@@ -374,6 +394,24 @@ impl Ledger {
         {
             return Err(Rejection::TimeoutOutOfRange);
         }
+        if !self.accounts.contains_key(&t.debit) {
+            return Err(Rejection::DebitAccountNotFound);
+        }
+        if !self.accounts.contains_key(&t.credit) {
+            return Err(Rejection::CreditAccountNotFound);
+        }
+        if let Some(p) = t.kind.pending_id()
+            && !self.holds.contains_key(&p)
+            && !held_in_chain.contains(&p)
+        {
+            return Err(Rejection::PendingTransferNotFound);
+        }
+        Ok(())
+    }
+
+    /// Checks a new transfer against the state and computes its effect; changes nothing.
+    fn validate(&self, t: &Transfer, now: Timestamp) -> Result<Effect, Rejection> {
+        self.check_input(t, &[])?;
         let mut debit = self
             .accounts
             .get(&t.debit)

@@ -131,16 +131,26 @@ proptest! {
                     sent.push((batch, outcomes));
                 }
                 Op::Retry(k) if !sent.is_empty() => {
-                    let (batch, first) = sent[k % sent.len()].clone();
+                    let batch = sent[k % sent.len()].0.clone();
                     let again = l.apply_batch(&batch, now);
-                    for ((t, a), b) in batch.iter().zip(&first).zip(&again) {
-                        // A stored answer is replayed exactly, success or failure.
-                        if let Some(r) = records.get(&t.id).copied().or(l.record(t.id).copied()) {
-                            let r: ledger::TransferRecord = r;
-                            if r.transfer == *t && a == b {
-                                prop_assert_eq!(*b, r.outcome);
+                    // Every chain whose members are all stored with these bodies is a retry:
+                    // each member must get exactly its stored answer, success or failure.
+                    let mut start = 0;
+                    while start < batch.len() {
+                        let end = batch[start..]
+                            .iter()
+                            .position(|t| !t.linked)
+                            .map_or(batch.len(), |e| start + e + 1);
+                        let chain = &batch[start..end];
+                        let stored = chain.iter().all(|t| {
+                            records.get(&t.id).is_some_and(|r: &ledger::TransferRecord| r.transfer == *t)
+                        });
+                        if stored && end <= batch.len() && chain.last().is_some_and(|t| !t.linked) {
+                            for (i, t) in chain.iter().enumerate() {
+                                prop_assert_eq!(again[start + i], records[&t.id].outcome);
                             }
                         }
+                        start = end;
                     }
                 }
                 Op::Retry(_) => {}

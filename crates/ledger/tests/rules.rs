@@ -466,3 +466,33 @@ fn changes_list_a_hot_account_once() {
         "each account once, in id order"
     );
 }
+
+#[test]
+fn chain_input_is_checked_for_every_member_before_business_rules() {
+    let mut l = setup();
+    // The first member fails a business rule, the second is malformed: the chain is refused as
+    // input (the malformed member's reason wins) and nothing is stored, so no id is used up.
+    check(
+        &mut l,
+        &[
+            linked(t(2, ALICE, CANTEEN, 999_999)),
+            t(3, ALICE, CANTEEN, 0),
+        ],
+        &[
+            Err(Rejection::LinkedEventFailed),
+            Err(Rejection::AmountMustNotBeZero),
+        ],
+    );
+    assert!(l.take_changes().records.is_empty());
+    // A post of a hold created earlier in the same chain is valid input.
+    let hold = with_kind(
+        linked(t(4, ALICE, CANTEEN, 500)),
+        TransferKind::Pending { timeout_s: 60 },
+    );
+    let post = with_kind(
+        t(5, ALICE, CANTEEN, 500),
+        TransferKind::Post { pending_id: tid(4) },
+    );
+    check(&mut l, &[hold, post], &[Ok(()), Ok(())]);
+    assert_eq!(balance(&l, CANTEEN), 500);
+}

@@ -97,17 +97,35 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` with `***`.
+/// Replaces the password, in `scheme://user:password@host` and in a `password=` parameter,
+/// with `***`.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (main, query) = match url.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
+    let main = match main.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => main.to_owned(),
+            },
+            None => main.to_owned(),
+        },
+        None => main.to_owned(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    match query {
+        None => main,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{main}?{}", params.join("&"))
+        }
     }
 }
 
@@ -161,5 +179,12 @@ mod tests {
         let url = DatabaseUrl::parse("postgres://u:secret@h/db").unwrap();
         assert_eq!(url.to_string(), "postgres://u:***@h/db");
         assert!(!format!("{url:?}").contains("secret"));
+        let url = DatabaseUrl::parse("postgres://u@h/db?sslmode=disable&password=secret").unwrap();
+        assert_eq!(
+            url.to_string(),
+            "postgres://u@h/db?sslmode=disable&password=***"
+        );
+        let bad = DatabaseUrl::parse("postgres://u@h:x/db?password=secret").unwrap_err();
+        assert!(!bad.to_string().contains("secret"), "{bad}");
     }
 }
