@@ -47,6 +47,8 @@ enum Command {
     Init,
     /// Apply database migrations that are not applied yet.
     Migrate,
+    /// Release holds whose time has passed (`serve` does this every second by itself).
+    ExpireHolds,
     /// Recompute every balance from its postings; exit 1 and name the accounts if any is off.
     DbCheck {
         #[arg(long)]
@@ -246,8 +248,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("applied migration {} ({})", m.version, m.name);
             }
         }
+        Command::ExpireHolds => {
+            let app = app(open(&config, false).await?);
+            let mut total = 0;
+            loop {
+                let n = app.expire_holds().await?;
+                total += n;
+                if n < store::EXPIRE_BATCH_MAX {
+                    break;
+                }
+            }
+            println!("released {total} expired holds");
+        }
         Command::DbCheck { json } => {
-            let store = open(&config, false).await?;
+            // A check changes nothing, not even the schema.
+            let options = StoreOptions {
+                migrate: false,
+                ..StoreOptions::default()
+            };
+            let store = open_with(&config, options, false).await?;
+            let pending = store.migrations_pending().await?;
+            anyhow::ensure!(
+                pending == 0,
+                "the database lacks {pending} migration(s) of this onecard: run `onecard migrate`"
+            );
             let report = store.check().await?;
             if json {
                 println!(

@@ -58,6 +58,7 @@ fn init_transfer_and_db_check_and_every_bad_input() {
     assert!(data.join("onecard.db").is_file());
     ok(&data, &["init"]);
     assert!(ok(&data, &["migrate"]).contains("up to date"));
+    assert!(ok(&data, &["expire-holds"]).contains("released 0 expired holds"));
     assert!(
         ok(
             &data,
@@ -278,4 +279,69 @@ fn serve_answers_health_and_ledger_reads_over_tcp() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The same commands on PostgreSQL (a scratch database on ONECARD_TEST_PG_URL's server).
+#[test]
+fn commands_work_on_postgres() {
+    let base = match std::env::var("ONECARD_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI is set but ONECARD_TEST_PG_URL is not: PostgreSQL tests must not be skipped"
+            );
+            eprintln!("ONECARD_TEST_PG_URL is not set: PostgreSQL run not possible here");
+            return;
+        }
+    };
+    let name = format!("onecard_test_{}_cli", std::process::id());
+    let server = store::DatabaseUrl::parse(&base).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(store::create_scratch_database(&server, &name))
+        .unwrap();
+    // The URL with its password, for the command line (Display would hide it).
+    let (head, query) = base
+        .split_once('?')
+        .map_or((base.as_str(), ""), |(h, q)| (h, q));
+    let head = &head[..head.rfind('/').unwrap()];
+    let url = if query.is_empty() {
+        format!("{head}/{name}")
+    } else {
+        format!("{head}/{name}?{query}")
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let db = |args: &[&str]| {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend_from_slice(args);
+        all.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let run_ok = |args: Vec<String>| ok(data, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run_ok(db(&["init"])).contains("schema version 1"));
+    assert!(run_ok(db(&["migrate"])).contains("up to date"));
+    run_ok(db(&["account", "create", "--kind", "bank_clearing"]));
+    run_ok(db(&["account", "create", "--kind", "cardholder_online"]));
+    run_ok(db(&[
+        "transfer", "create", "--id", T1, "--debit", "1", "--credit", "2", "--amount", "700",
+    ]));
+    assert!(run_ok(db(&["account", "show", "2"])).contains("7.00 yuan (700 fen)"));
+    let bad = db(&[
+        "transfer", "create", "--id", T2, "--debit", "2", "--credit", "9", "--amount", "1",
+    ]);
+    fails(
+        data,
+        &bad.iter().map(String::as_str).collect::<Vec<_>>(),
+        1,
+        "credit account does not exist",
+    );
+    assert!(run_ok(db(&["db-check"])).contains("OK"));
+    let shown = run_ok(db(&["init"]));
+    assert!(
+        !base.contains(':') || !shown.contains("onecard_test:onecard_test@"),
+        "password printed: {shown}"
+    );
+    rt.block_on(store::drop_scratch_database(&server, &name))
+        .unwrap();
 }

@@ -166,12 +166,41 @@ impl Store {
         }
     }
 
+    /// Group commits done by this process since it opened the store (each is one database
+    /// transaction for every submit request that was waiting).
+    pub fn group_commits(&self) -> u64 {
+        match self {
+            Store::Sqlite(s) => s.group_commits(),
+            Store::Postgres(s) => s.group_commits(),
+        }
+    }
+
+    /// The durability settings in force, as the database reports them (SQLite: journal_mode,
+    /// synchronous, foreign_keys, page_size; PostgreSQL: synchronous_commit, fsync, version).
+    pub async fn settings(&self) -> anyhow::Result<Vec<(String, String)>> {
+        match self {
+            Store::Sqlite(s) => s.settings().await,
+            Store::Postgres(s) => s.settings().await,
+        }
+    }
+
     /// Applies migrations not yet applied; returns those it applied.
     pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
         match self {
             Store::Sqlite(s) => s.migrate().await,
             Store::Postgres(s) => s.migrate().await,
         }
+    }
+
+    /// How many migrations this onecard has that the database has not applied yet. An edited
+    /// or unknown applied migration is an error.
+    pub async fn migrations_pending(&self) -> anyhow::Result<usize> {
+        let applied = self.applied_migrations().await?;
+        let sources = match self {
+            Store::Sqlite(_) => migrate::SQLITE,
+            Store::Postgres(_) => migrate::POSTGRES,
+        };
+        Ok(migrate::pending(sources, &applied)?.len())
     }
 
     /// Migrations applied to this database, oldest first.

@@ -7,6 +7,9 @@
 //! are awaited one after the other: joined futures may be sent in any order, which would break
 //! the lock order and the foreign key from holds to transfers.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use ledger::{
@@ -33,6 +36,12 @@ use crate::{
 
 /// How often a group is retried when another process inserted one of its ids first.
 const UNIQUE_RETRIES_MAX: usize = 3;
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// How long one statement may run.
+const STATEMENT_TIMEOUT_MS: u64 = 60_000;
+/// How long a group may wait for another process's row locks.
+const LOCK_TIMEOUT_MS: u64 = 10_000;
 /// Serialises migrations across processes.
 const MIGRATION_LOCK_KEY: i64 = 0x006f_6e65_6361_7264; // "onecard" in ASCII
 
@@ -45,6 +54,7 @@ struct SubmitRequest {
 pub struct PgStore {
     pool: Pool,
     committer: mpsc::Sender<SubmitRequest>,
+    commits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -67,7 +77,15 @@ fn db_err(e: tokio_postgres::Error) -> anyhow::Error {
 
 impl PgStore {
     pub async fn open(url: &DatabaseUrl, options: &StoreOptions) -> anyhow::Result<PgStore> {
-        let config = url.postgres_config().context("not a PostgreSQL URL")?;
+        let mut config = url.postgres_config().context("not a PostgreSQL URL")?;
+        config.connect_timeout(std::time::Duration::from_millis(CONNECT_TIMEOUT_MS));
+        // Appended to what the URL asks for: a stuck statement or lock wait fails with the
+        // server's reason instead of holding the committer forever.
+        let server_options = format!(
+            "{} -c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(server_options.trim());
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -87,8 +105,10 @@ impl PgStore {
         client.simple_query("SELECT 1").await.map_err(db_err)?;
         drop(client);
         let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_DEPTH_MAX);
-        tokio::spawn(committer_loop(pool.clone(), rx));
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(committer_loop(pool.clone(), rx, commits.clone()));
         let store = PgStore {
+            commits,
             pool,
             committer: tx,
         };
@@ -103,6 +123,23 @@ impl PgStore {
             .get()
             .await
             .context("taking a PostgreSQL connection from the pool")
+    }
+
+    pub fn group_commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    pub async fn settings(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let client = self.client().await?;
+        let mut out = Vec::new();
+        for name in ["synchronous_commit", "fsync", "server_version"] {
+            let row = client
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .map_err(db_err)?;
+            out.push((name.to_owned(), row.get::<_, String>(0)));
+        }
+        Ok(out)
     }
 
     pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
@@ -488,7 +525,11 @@ pub(crate) async fn admin(server: &DatabaseUrl, statements: &str) -> anyhow::Res
     Ok(())
 }
 
-async fn committer_loop(pool: Pool, mut rx: mpsc::Receiver<SubmitRequest>) {
+async fn committer_loop(
+    pool: Pool,
+    mut rx: mpsc::Receiver<SubmitRequest>,
+    commits: Arc<AtomicU64>,
+) {
     // Reused for every group: clearing keeps its memory, allocating would page-fault.
     let mut ledger = Ledger::with_capacity(2_048, 1_024);
     while let Some(first) = rx.recv().await {
@@ -520,6 +561,7 @@ async fn committer_loop(pool: Pool, mut rx: mpsc::Receiver<SubmitRequest>) {
         };
         match result {
             Ok(all) => {
+                commits.fetch_add(1, Ordering::Relaxed);
                 for (request, outcomes) in group.into_iter().zip(all) {
                     let _ = request.reply.send(Ok(outcomes));
                 }

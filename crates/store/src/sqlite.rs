@@ -6,6 +6,7 @@
 //! same file waits (up to [`BUSY_TIMEOUT_MS`]) instead of failing halfway.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -59,6 +60,7 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: mpsc::Sender<Command>,
     readers: Arc<ReaderPool>,
+    commits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -129,11 +131,14 @@ impl SqliteStore {
         }
         let conn = open_writer(path)?;
         let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_DEPTH_MAX);
+        let commits = Arc::new(AtomicU64::new(0));
+        let counter = commits.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, &counter))
             .context("starting the SQLite writer thread")?;
         let store = SqliteStore {
+            commits,
             path: path.to_owned(),
             writer: tx,
             readers: Arc::new(ReaderPool {
@@ -172,6 +177,28 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || pool.with(f))
             .await
             .context("read task panicked")?
+    }
+
+    pub fn group_commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    pub async fn settings(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.write(|conn| {
+            let mut out = Vec::new();
+            for pragma in ["journal_mode", "synchronous", "foreign_keys", "page_size"] {
+                let v: rusqlite::types::Value =
+                    conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))?;
+                let v = match v {
+                    rusqlite::types::Value::Integer(i) => i.to_string(),
+                    rusqlite::types::Value::Text(t) => t,
+                    other => format!("{other:?}"),
+                };
+                out.push((pragma.to_owned(), v));
+            }
+            Ok(out)
+        })
+        .await?
     }
 
     pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
@@ -480,7 +507,7 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, commits: &AtomicU64) {
     let mut next: Option<Command> = None;
     // Reused for every group: clearing keeps its memory, allocating would page-fault.
     let mut ledger = Ledger::with_capacity(2_048, 1_024);
@@ -513,6 +540,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
                 }
                 match commit_group(&mut conn, &mut ledger, &group) {
                     Ok(all) => {
+                        commits.fetch_add(1, Ordering::Relaxed);
                         for (request, outcomes) in group.into_iter().zip(all) {
                             let _ = request.reply.send(Ok(outcomes));
                         }

@@ -290,6 +290,74 @@ conformance! {
 }
 
 conformance! {
+    async fn waiting_submits_share_one_commit(db) {
+        let s = &db.store;
+        let c = campus(s).await;
+        let blocker = db.block_writes(c.canteen.get()).await;
+        let before = s.group_commits();
+        let mut tasks = Vec::new();
+        for i in 0..20u128 {
+            let s = s.clone();
+            let (alice, canteen) = (c.alice, c.canteen);
+            tasks.push(tokio::spawn(async move {
+                s.submit(vec![t(100 + i, alice, canteen, 1)], NOW).await.unwrap()
+            }));
+        }
+        // Let every submit reach the writer's queue while its first group waits on the lock.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        blocker.release().await;
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), vec![Ok(NOW)]);
+        }
+        let used = s.group_commits() - before;
+        assert!((1..=3).contains(&used), "20 waiting submits took {used} commits");
+        assert_eq!(balance(s, c.canteen).await, 20);
+        assert_consistent(s).await;
+    }
+}
+
+conformance! {
+    async fn opposite_transfers_from_two_stores_do_not_deadlock(db) {
+        let c = campus(&db.store).await;
+        db.store.submit(vec![t(2, c.bank, c.bob, 10_000)], NOW).await.unwrap();
+        let stores = [db.store.clone(), db.second_store().await];
+        let mut tasks = Vec::new();
+        for (k, s) in stores.into_iter().enumerate() {
+            let (a, b, m) = if k == 0 { (c.alice, c.bob, c.canteen) } else { (c.bob, c.alice, c.canteen) };
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40u128 {
+                    let base = 1_000 + k as u128 * 1_000 + i * 2;
+                    // Each batch takes its two cardholders in opposite order to the other task's.
+                    let out = s.submit(vec![t(base, a, b, 3), t(base + 1, b, m, 1)], NOW).await.unwrap();
+                    assert_eq!(out, vec![Ok(NOW), Ok(NOW)]);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(balance(&db.store, c.canteen).await, 80);
+        assert_eq!(balance(&db.store, c.alice).await + balance(&db.store, c.bob).await, 20_000 - 80);
+        assert_consistent(&db.store).await;
+    }
+}
+
+conformance! {
+    async fn durability_settings_are_in_force(db) {
+        let settings: std::collections::HashMap<String, String> =
+            db.store.settings().await.unwrap().into_iter().collect();
+        if db.is_postgres() {
+            assert_eq!(settings["synchronous_commit"], "on");
+            assert_eq!(settings["fsync"], "on");
+        } else {
+            assert_eq!(settings["journal_mode"], "wal");
+            assert_eq!(settings["synchronous"], "2", "FULL");
+            assert_eq!(settings["foreign_keys"], "1");
+        }
+    }
+}
+
+conformance! {
     async fn db_check_names_a_corrupted_account(db) {
         let s = &db.store;
         let c = campus(s).await;

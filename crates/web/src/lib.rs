@@ -22,6 +22,9 @@ use store::{AccountRow, JournalEntry};
 /// Rows a listing returns when the client does not say.
 pub const PAGE_SIZE_DEFAULT: u32 = 50;
 
+/// How long one request may take before the client gets a 503.
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+
 /// Builds the router; tests drive it with `tower::ServiceExt::oneshot`, no server needed.
 pub fn router(app: App) -> Router {
     Router::new()
@@ -31,7 +34,24 @@ pub fn router(app: App) -> Router {
         .route("/api/v1/accounts/{id}/transfers", get(account_transfers))
         .route("/api/v1/transfers/{id}", get(get_transfer))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(request_timeout))
         .with_state(app)
+}
+
+async fn request_timeout(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = std::time::Duration::from_millis(REQUEST_TIMEOUT_MS);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "timeout",
+            message: format!("the request took longer than {REQUEST_TIMEOUT_MS} ms"),
+        }
+        .into_response(),
+    }
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.

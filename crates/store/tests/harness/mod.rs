@@ -141,6 +141,42 @@ impl TestDb {
         }
     }
 
+    /// Holds back the store's writer from another connection: the SQLite write lock, or the
+    /// row of `account` on PostgreSQL. Submits queue up until [`Blocker::release`].
+    pub async fn block_writes(&self, account: i64) -> Blocker {
+        match &self.pg {
+            None => {
+                let path = self.url.strip_prefix("sqlite:").unwrap().to_owned();
+                let (release, wait) = std::sync::mpsc::channel::<()>();
+                let (ready, is_ready) = std::sync::mpsc::channel::<()>();
+                let thread = std::thread::spawn(move || {
+                    let conn = rusqlite::Connection::open(path).unwrap();
+                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    ready.send(()).unwrap();
+                    let _ = wait.recv();
+                    conn.execute_batch("COMMIT").unwrap();
+                });
+                is_ready.recv().unwrap();
+                Blocker::Sqlite(release, thread)
+            }
+            Some(_) => {
+                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                client.batch_execute("BEGIN").await.unwrap();
+                client
+                    .execute(
+                        "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+                        &[&account],
+                    )
+                    .await
+                    .unwrap();
+                Blocker::Postgres(client)
+            }
+        }
+    }
+
     pub async fn cleanup(self) {
         let TestDb { store, pg, .. } = self;
         drop(store);
@@ -156,6 +192,26 @@ impl TestDb {
                 }
                 Err(e) => eprintln!("could not connect to drop test database {name}: {e}"),
             }
+        }
+    }
+}
+
+/// A write lock held by another connection; see [`TestDb::block_writes`].
+pub enum Blocker {
+    Sqlite(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Blocker {
+    pub async fn release(self) {
+        match self {
+            Blocker::Sqlite(release, thread) => {
+                release.send(()).unwrap();
+                tokio::task::spawn_blocking(move || thread.join().unwrap())
+                    .await
+                    .unwrap();
+            }
+            Blocker::Postgres(client) => client.batch_execute("COMMIT").await.unwrap(),
         }
     }
 }
