@@ -38,10 +38,20 @@ pub struct LedgerArgs {
     /// Cardholder accounts paying the merchant.
     #[arg(long, default_value_t = 10_000)]
     cardholders: usize,
+    /// Transfer ids: `ordered` (time-ordered, like UUIDv7: what clients should send) or
+    /// `random` (like UUIDv4: every id lands at a random place in the id index).
+    #[arg(long, value_enum, default_value = "ordered")]
+    ids: IdOrder,
     /// PostgreSQL server for a scratch database (default: ONECARD_BENCH_PG_URL,
     /// ONECARD_TEST_PG_URL, or the local server).
     #[arg(long, value_name = "URL")]
     pg_url: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum IdOrder {
+    Ordered,
+    Random,
 }
 
 /// A deterministic generator: the same workload on every backend and run.
@@ -58,15 +68,22 @@ impl Rng {
 
 struct Workload {
     rng: Rng,
+    ids: IdOrder,
     next_id: u128,
     cardholders: Vec<AccountId>,
     merchant: AccountId,
 }
 
 impl Workload {
-    fn new(cardholders: Vec<AccountId>, merchant: AccountId, id_space: u128) -> Workload {
+    fn new(
+        cardholders: Vec<AccountId>,
+        merchant: AccountId,
+        id_space: u128,
+        ids: IdOrder,
+    ) -> Workload {
         Workload {
             rng: Rng(0x2545_f491_4f6c_dd1d),
+            ids,
             next_id: id_space << 64,
             cardholders,
             merchant,
@@ -75,9 +92,14 @@ impl Workload {
 
     fn purchase(&mut self) -> Transfer {
         self.next_id += 1;
+        let id = match self.ids {
+            IdOrder::Ordered => self.next_id,
+            // Random high bits, the counter below them keeps ids unique.
+            IdOrder::Random => (u128::from(self.rng.below(u64::MAX)) << 64) | self.next_id,
+        };
         let payer = self.cardholders[self.rng.below(self.cardholders.len() as u64) as usize];
         Transfer {
-            id: TransferId::new(self.next_id).expect("non-zero"),
+            id: TransferId::new(id).expect("non-zero"),
             debit: payer,
             credit: self.merchant,
             amount: Fen::new(1 + self.rng.below(500) as i64),
@@ -124,8 +146,8 @@ pub async fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!(
-        "onecard bench ledger: {cores} cores, {} cardholders, 1 hot merchant",
-        args.cardholders
+        "onecard bench ledger: {cores} cores, {} cardholders, 1 hot merchant, {:?} ids",
+        args.cardholders, args.ids
     );
     println!("{:<10} {:<44} {:>12}", "backend", "scenario", "transfers/s");
     pure(&args);
@@ -179,7 +201,7 @@ fn pure(args: &LedgerArgs) {
             a.credits_posted = Fen::new(i64::MAX / 4);
             table.push(a);
         }
-        let mut work = Workload::new(cardholders.clone(), merchant, 1);
+        let mut work = Workload::new(cardholders.clone(), merchant, 1, args.ids);
         let batches: Vec<Vec<Transfer>> = (0..args.pure.div_ceil(PURE_BATCH_SIZE))
             .map(|_| work.batch(PURE_BATCH_SIZE))
             .collect();
@@ -243,7 +265,7 @@ async fn store_scenarios(store: &Store, args: &LedgerArgs, backend: &str) -> any
     for chunk in funding.chunks(1_000) {
         store.submit(chunk.to_vec(), at).await?;
     }
-    let mut work = Workload::new(cardholders, merchant, 2);
+    let mut work = Workload::new(cardholders, merchant, 2, args.ids);
 
     let mut one = Vec::new();
     let mut concurrent = Vec::new();
