@@ -3,7 +3,6 @@
 //! (`tests/common`), so the benchmark runs exactly what the tests check.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)] // The benchmark uses only part of the test helpers.
 mod common;
 
 use std::hint::black_box;
