@@ -4,6 +4,7 @@
 //! This crate owns the clock: the ledger and the store are given the time, never read it.
 
 pub mod demo;
+pub mod security;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -15,8 +15,10 @@ pub const DATA_DIR_DEFAULT: &str = "onecard-data";
 pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 
 /// Environment variables onecard reads; any other `ONECARD_*` variable is refused.
-pub const ENV_VARS: [&str; 7] = [
+pub const ENV_VARS: [&str; 9] = [
     "ONECARD_CONFIG",
+    "ONECARD_KEK",
+    "ONECARD_KEK_FILE",
     "ONECARD_DATA_DIR",
     "ONECARD_DATABASE_URL",
     "ONECARD_HTTP_LISTEN",
@@ -31,6 +33,7 @@ pub const ENV_VARS: [&str; 7] = [
 struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
+    kek_file: Option<PathBuf>,
     log: Option<String>,
     http: Option<HttpFile>,
 }
@@ -48,6 +51,10 @@ pub struct Config {
     pub database_url: DatabaseUrl,
     pub http_listen: SocketAddr,
     pub log_filter: String,
+    /// Where the key-encryption key is read from: a file, else the ONECARD_KEK value. No
+    /// default: without one, commands that need master keys refuse to run.
+    pub kek_file: Option<PathBuf>,
+    pub kek_env: Option<secrecy::SecretString>,
 }
 
 /// Values given on the command line, which win over everything else.
@@ -121,11 +128,15 @@ impl Config {
         let log_filter = env("ONECARD_LOG")
             .or(file.log)
             .unwrap_or_else(|| "info".to_owned());
+        let kek_file = env("ONECARD_KEK_FILE").map(PathBuf::from).or(file.kek_file);
+        let kek_env = env("ONECARD_KEK").map(secrecy::SecretString::from);
         Ok(Config {
             data_dir,
             database_url,
             http_listen,
             log_filter,
+            kek_file,
+            kek_env,
         })
     }
 }

@@ -72,9 +72,54 @@ enum Command {
     /// Ledger transfers.
     #[command(subcommand)]
     Transfer(TransferCommand),
+    /// Master keys in the security module (check values only; keys are never shown).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Print a fresh random key-encryption key (64 hex digits) to keep outside the database,
+    /// in the file that kek_file / ONECARD_KEK_FILE names.
+    NewKek,
+    /// Make version 1 of every master key (load, purchase, TAC, terminal and bank master).
+    Ceremony {
+        #[arg(long, value_enum, default_value = "3des")]
+        algorithm: AlgorithmChoice,
+    },
+    /// List master keys: kind, version, algorithm, check value.
+    List,
+    /// Add a new version of some master keys; old versions stay for old cards.
+    Rotate {
+        /// Kinds to rotate (load, purchase, tac, terminal-master, bank-master); repeatable.
+        #[arg(long = "kind", required = true, value_parser = parse_key_kind)]
+        kinds: Vec<app::security::KeyKind>,
+        #[arg(long, value_enum, default_value = "3des")]
+        algorithm: AlgorithmChoice,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AlgorithmChoice {
+    #[value(name = "3des")]
+    Tdes,
+    Sm4,
+}
+
+impl AlgorithmChoice {
+    fn purse(self) -> card::crypto::PurseAlgorithm {
+        match self {
+            AlgorithmChoice::Tdes => card::crypto::PurseAlgorithm::Tdes,
+            AlgorithmChoice::Sm4 => card::crypto::PurseAlgorithm::Sm4,
+        }
+    }
+}
+
+fn parse_key_kind(s: &str) -> Result<app::security::KeyKind, String> {
+    s.parse()
 }
 
 #[derive(Args, Debug)]
@@ -328,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Account(cmd) => return account(&config, cmd).await,
         Command::Transfer(cmd) => return transfer(&config, cmd).await,
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
+        Command::Keys(cmd) => keys(&config, cmd).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -396,6 +442,71 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
     let result = web::serve(listener, app, shutdown).await;
     sweep.abort();
     result
+}
+
+async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
+    use app::Clock as _;
+    use app::security::{Kek, KeyInfo, SecurityModule, SoftwareSecurityModule, hex};
+    use secrecy::ExposeSecret;
+    if let KeysCommand::NewKek = cmd {
+        println!("{}", *Kek::generate_hex()?);
+        return Ok(());
+    }
+    let kek = Kek::load(
+        config.kek_file.as_deref(),
+        config.kek_env.as_ref().map(|s| s.expose_secret()),
+    )?;
+    let store = open(config, false).await?;
+    let now = SystemClock.now();
+    let print = |keys: &[KeyInfo]| {
+        println!(
+            "{:<16} {:>7}  {:<9} check value",
+            "kind", "version", "algorithm"
+        );
+        for k in keys {
+            let algorithm = match k.algorithm {
+                card::crypto::PurseAlgorithm::Tdes => "3des",
+                card::crypto::PurseAlgorithm::Sm4 => "sm4",
+            };
+            println!(
+                "{:<16} {:>7}  {:<9} {}",
+                k.kind.name(),
+                k.version,
+                algorithm,
+                hex(&k.check_value)
+            );
+        }
+    };
+    match cmd {
+        KeysCommand::NewKek => unreachable!("answered above"),
+        KeysCommand::Ceremony { algorithm } => {
+            let made =
+                SoftwareSecurityModule::ceremony(&store, &kek, algorithm.purse(), now).await?;
+            println!(
+                "key ceremony done: {} master keys made and stored wrapped",
+                made.len()
+            );
+            print(&made);
+        }
+        KeysCommand::List => {
+            let keys = SoftwareSecurityModule::open(&store, &kek).await?.list();
+            if keys.is_empty() {
+                println!("no master keys yet: run `onecard keys ceremony`");
+            } else {
+                print(&keys);
+            }
+        }
+        KeysCommand::Rotate { kinds, algorithm } => {
+            let made = SoftwareSecurityModule::rotate(&store, &kek, &kinds, algorithm.purse(), now)
+                .await?;
+            println!(
+                "added {} new master key version(s); older versions stay in use",
+                made.len()
+            );
+            print(&made);
+        }
+    }
+    Ok(())
 }
 
 async fn account(config: &Config, cmd: AccountCommand) -> anyhow::Result<ExitCode> {

@@ -54,7 +54,7 @@ fn init_transfer_and_db_check_and_every_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     fails(&data, &["db-check"], 1, "onecard init");
-    assert!(ok(&data, &["init"]).contains("schema version 1"));
+    assert!(ok(&data, &["init"]).contains("schema version 2"));
     assert!(data.join("onecard.db").is_file());
     ok(&data, &["init"]);
     assert!(ok(&data, &["migrate"]).contains("up to date"));
@@ -319,7 +319,7 @@ fn commands_work_on_postgres() {
         all.iter().map(|s| s.to_string()).collect::<Vec<String>>()
     };
     let run_ok = |args: Vec<String>| ok(data, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(run_ok(db(&["init"])).contains("schema version 1"));
+    assert!(run_ok(db(&["init"])).contains("schema version 2"));
     assert!(run_ok(db(&["migrate"])).contains("up to date"));
     run_ok(db(&["account", "create", "--kind", "bank_clearing"]));
     run_ok(db(&["account", "create", "--kind", "cardholder_online"]));
@@ -344,4 +344,78 @@ fn commands_work_on_postgres() {
     );
     rt.block_on(store::drop_scratch_database(&server, &name))
         .unwrap();
+}
+
+#[test]
+fn key_ceremony_list_rotate_and_a_wrong_or_missing_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(&data, &["init"]);
+    let with_kek = |kek: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_onecard"));
+        cmd.arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .env("ONECARD_LOG", "warn");
+        cmd.env_remove("ONECARD_KEK").env_remove("ONECARD_KEK_FILE");
+        if let Some(k) = kek {
+            cmd.env("ONECARD_KEK", k);
+        }
+        cmd.output().unwrap()
+    };
+    let fresh = String::from_utf8(onecard(&data, &["keys", "new-kek"]).stdout).unwrap();
+    let kek = fresh.trim();
+    assert_eq!(kek.len(), 64);
+    let missing = with_kek(None, &["keys", "list"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("no key-encryption key"),
+        "{}",
+        text(&missing)
+    );
+
+    let made = with_kek(Some(kek), &["keys", "ceremony"]);
+    assert!(made.status.success(), "{}", text(&made));
+    let shown = text(&made);
+    for kind in ["load", "purchase", "tac", "terminal-master", "bank-master"] {
+        assert!(shown.contains(kind), "{shown}");
+    }
+    assert!(!shown.contains(kek), "the KEK was printed");
+    let again = with_kek(Some(kek), &["keys", "ceremony"]);
+    assert!(text(&again).contains("runs once"), "{}", text(&again));
+
+    let rotated = with_kek(
+        Some(kek),
+        &["keys", "rotate", "--kind", "purchase", "--kind", "tac"],
+    );
+    assert!(
+        text(&rotated).contains("added 2 new master key version(s)"),
+        "{}",
+        text(&rotated)
+    );
+    let list = text(&with_kek(Some(kek), &["keys", "list"]));
+    assert_eq!(
+        list.lines().filter(|l| l.starts_with("purchase")).count(),
+        2,
+        "{list}"
+    );
+
+    let other = "11".repeat(32);
+    let wrong = with_kek(Some(&other), &["keys", "list"]);
+    assert!(text(&wrong).contains("wrong KEK"), "{}", text(&wrong));
+    let typo = with_kek(Some("not-hex"), &["keys", "list"]);
+    assert!(text(&typo).contains("64 hex digits"), "{}", text(&typo));
+    let kind = with_kek(Some(kek), &["keys", "rotate", "--kind", "pruchase"]);
+    assert!(text(&kind).contains("unknown key kind"), "{}", text(&kind));
+
+    // At rest the keys are wrapped: 24 bytes each, and the database holds no KEK.
+    let conn = rusqlite::Connection::open(data.join("onecard.db")).unwrap();
+    let lens: Vec<i64> = conn
+        .prepare("SELECT length(wrapped) FROM master_keys")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(lens, vec![24; 7]);
 }

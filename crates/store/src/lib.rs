@@ -120,6 +120,22 @@ pub struct JournalEntry {
     pub record: TransferRecord,
 }
 
+/// A master key as the store keeps it: wrapped under the key-encryption key. The store never
+/// sees a key in clear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// What the key is for (the security module's code).
+    pub kind: i16,
+    pub version: i16,
+    /// 0: 3DES, 4: SM4 (the PBOC algorithm ids).
+    pub algorithm: i16,
+    /// RFC 3394 AES key wrap of the 16 key bytes: 24 bytes.
+    pub wrapped: Vec<u8>,
+    /// The key's check value, to show instead of the key.
+    pub check_value: Vec<u8>,
+    pub created_at: Timestamp,
+}
+
 /// Options for opening a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -243,6 +259,22 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.create_accounts(new, now).await,
             Store::Postgres(s) => s.create_accounts(new, now).await,
+        }
+    }
+
+    /// Stores new master keys, all or none. A (kind, version) that exists is refused.
+    pub async fn insert_master_keys(&self, keys: Vec<WrappedKey>) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.insert_master_keys(keys).await,
+            Store::Postgres(s) => s.insert_master_keys(keys).await,
+        }
+    }
+
+    /// Every stored master key, by kind then version.
+    pub async fn master_keys(&self) -> anyhow::Result<Vec<WrappedKey>> {
+        match self {
+            Store::Sqlite(s) => s.master_keys().await,
+            Store::Postgres(s) => s.master_keys().await,
         }
     }
 

@@ -26,17 +26,31 @@ impl Source {
     }
 }
 
-pub(crate) const SQLITE: &[Source] = &[Source {
-    version: 1,
-    name: "ledger",
-    sql: include_str!("../migrations/sqlite/0001_ledger.sql"),
-}];
+pub(crate) const SQLITE: &[Source] = &[
+    Source {
+        version: 1,
+        name: "ledger",
+        sql: include_str!("../migrations/sqlite/0001_ledger.sql"),
+    },
+    Source {
+        version: 2,
+        name: "master_keys",
+        sql: include_str!("../migrations/sqlite/0002_master_keys.sql"),
+    },
+];
 
-pub(crate) const POSTGRES: &[Source] = &[Source {
-    version: 1,
-    name: "ledger",
-    sql: include_str!("../migrations/postgres/0001_ledger.sql"),
-}];
+pub(crate) const POSTGRES: &[Source] = &[
+    Source {
+        version: 1,
+        name: "ledger",
+        sql: include_str!("../migrations/postgres/0001_ledger.sql"),
+    },
+    Source {
+        version: 2,
+        name: "master_keys",
+        sql: include_str!("../migrations/postgres/0002_master_keys.sql"),
+    },
+];
 
 /// FNV-1a, 64 bits, as hex: enough to notice an edited migration; not a security measure.
 pub(crate) fn checksum(sql: &str) -> String {
@@ -84,7 +98,7 @@ mod tests {
 
     #[test]
     fn edited_or_unknown_migrations_are_refused() {
-        let mut applied = vec![SQLITE[0].migration()];
+        let mut applied: Vec<Migration> = SQLITE.iter().map(Source::migration).collect();
         assert!(pending(SQLITE, &applied).unwrap().is_empty());
         assert_eq!(pending(SQLITE, &[]).unwrap().len(), SQLITE.len());
         applied[0].checksum = "0".into();

@@ -31,7 +31,7 @@ use crate::migrate::{self, Migration};
 use crate::sqlite::result_code;
 use crate::{
     AccountRow, DatabaseUrl, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError,
-    StoreOptions, TRANSFERS_PER_COMMIT_MAX,
+    StoreOptions, TRANSFERS_PER_COMMIT_MAX, WrappedKey,
 };
 
 /// How often a group is retried when another process inserted one of its ids first.
@@ -253,6 +253,62 @@ impl PgStore {
             }
             Err(e) => Err(StoreError::Unexpected(db_err(e))),
         }
+    }
+
+    pub async fn insert_master_keys(&self, keys: Vec<WrappedKey>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        for k in &keys {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO master_keys (kind, version, algorithm, wrapped, check_value, \
+                     created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &k.kind,
+                        &k.version,
+                        &k.algorithm,
+                        &k.wrapped,
+                        &k.check_value,
+                        &k.created_at.0,
+                    ],
+                )
+                .await;
+            match inserted {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    return Err(StoreError::Invalid(format!(
+                        "master key kind {} version {} exists already",
+                        k.kind, k.version
+                    )));
+                }
+                Err(e) => return Err(StoreError::Unexpected(db_err(e))),
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn master_keys(&self) -> anyhow::Result<Vec<WrappedKey>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT kind, version, algorithm, wrapped, check_value, created_at \
+                 FROM master_keys ORDER BY kind, version",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| WrappedKey {
+                kind: r.get(0),
+                version: r.get(1),
+                algorithm: r.get(2),
+                wrapped: r.get(3),
+                check_value: r.get(4),
+                created_at: Timestamp(r.get(5)),
+            })
+            .collect())
     }
 
     pub async fn set_account_status(

@@ -26,7 +26,7 @@ use crate::journal::{self, Heads, Link};
 use crate::migrate::{self, Migration};
 use crate::{
     AccountRow, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError, StoreOptions,
-    TRANSFERS_PER_COMMIT_MAX,
+    TRANSFERS_PER_COMMIT_MAX, WrappedKey,
 };
 
 /// How long a write waits for another process's write lock before failing.
@@ -289,6 +289,62 @@ impl SqliteStore {
             Ok(rows)
         })
         .await?
+    }
+
+    pub async fn insert_master_keys(&self, keys: Vec<WrappedKey>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(anyhow::Error::from)?;
+            for k in &keys {
+                let inserted = tx.execute(
+                    "INSERT INTO master_keys (kind, version, algorithm, wrapped, check_value, \
+                     created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        k.kind,
+                        k.version,
+                        k.algorithm,
+                        k.wrapped,
+                        k.check_value,
+                        k.created_at.0
+                    ],
+                );
+                match inserted {
+                    Ok(_) => {}
+                    Err(e) if is_primary_key_violation(&e) => {
+                        return Err(StoreError::Invalid(format!(
+                            "master key kind {} version {} exists already",
+                            k.kind, k.version
+                        )));
+                    }
+                    Err(e) => return Err(StoreError::Unexpected(e.into())),
+                }
+            }
+            tx.commit().map_err(anyhow::Error::from)?;
+            Ok(())
+        })
+        .await?
+    }
+
+    pub async fn master_keys(&self) -> anyhow::Result<Vec<WrappedKey>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT kind, version, algorithm, wrapped, check_value, created_at \
+                 FROM master_keys ORDER BY kind, version",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(WrappedKey {
+                    kind: r.get(0)?,
+                    version: r.get(1)?,
+                    algorithm: r.get(2)?,
+                    wrapped: r.get(3)?,
+                    check_value: r.get(4)?,
+                    created_at: Timestamp(r.get(5)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
     }
 
     pub async fn set_account_status(
@@ -866,6 +922,11 @@ fn hold_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingHold> {
         state: HoldState::from_code(state)
             .ok_or_else(|| bad(5, format!("unknown hold state {state}")))?,
     })
+}
+
+fn is_primary_key_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {

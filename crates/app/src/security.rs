@@ -1,0 +1,414 @@
+//! The security module: every card and bank master key lives behind [`SecurityModule`].
+//!
+//! The software implementation keeps master keys in the database wrapped (RFC 3394 AES key
+//! wrap) under a key-encryption key (KEK) that is read from a file or an environment variable
+//! and is never stored in the database. Keys are unwrapped into memory when the module opens,
+//! zeroised when it is dropped, and never printed: `Debug` shows kinds, versions and check
+//! values only. A hardware module can replace it behind the same trait.
+//!
+//! Keys have versions. A new version ("rotation") is added beside the old ones, so cards
+//! personalised under an old version keep working; new cards use the newest.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use aes_kw::{KeyInit, KwAes256};
+use anyhow::Context as _;
+use card::crypto::{Mac4, PurseAlgorithm, PurseKey, purchase_tac};
+use card::purse::{Asn, TerminalId, TxDateTime, TxType};
+use ledger::Timestamp;
+use store::{Store, WrappedKey};
+use zeroize::Zeroizing;
+
+/// What a master key is for. The codes are stored: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyKind {
+    /// Master load key (MLK): cards' DLK, for MAC2 of loads.
+    Load = 1,
+    /// Master purchase key (MPK): cards' DPK; also loaded into PSAMs.
+    Purchase = 2,
+    /// Master TAC key (MTK): cards' DTK, for TAC checks of uploaded records.
+    Tac = 3,
+    /// Terminal master key (TMK): wraps terminals' daily PIN and MAC keys.
+    TerminalMaster = 4,
+    /// Bank master key (BMK): wraps a bank link's daily working keys.
+    BankMaster = 5,
+}
+
+impl KeyKind {
+    pub const ALL: [KeyKind; 5] = [
+        KeyKind::Load,
+        KeyKind::Purchase,
+        KeyKind::Tac,
+        KeyKind::TerminalMaster,
+        KeyKind::BankMaster,
+    ];
+
+    pub const fn code(self) -> i16 {
+        self as i16
+    }
+
+    pub fn from_code(code: i16) -> Option<KeyKind> {
+        KeyKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            KeyKind::Load => "load",
+            KeyKind::Purchase => "purchase",
+            KeyKind::Tac => "tac",
+            KeyKind::TerminalMaster => "terminal-master",
+            KeyKind::BankMaster => "bank-master",
+        }
+    }
+
+    /// Card keys follow the purse algorithm chosen at the ceremony; terminal and bank master
+    /// keys are 3DES, as the ISO 8583 profiles use them.
+    const fn is_card_key(self) -> bool {
+        matches!(self, KeyKind::Load | KeyKind::Purchase | KeyKind::Tac)
+    }
+}
+
+impl std::str::FromStr for KeyKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KeyKind, String> {
+        KeyKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = KeyKind::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown key kind {s:?}: expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Bytes in a key-encryption key (AES-256).
+pub const KEK_BYTES: usize = 32;
+
+/// The key-encryption key. Read from a file or an environment variable as 64 hex digits;
+/// never stored in the database, never printed.
+pub struct Kek(Zeroizing<[u8; KEK_BYTES]>);
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Kek(<redacted>)")
+    }
+}
+
+impl Kek {
+    /// Parses 64 hex digits (surrounding whitespace allowed). The error never repeats the text.
+    pub fn from_hex(text: &str, source: &str) -> anyhow::Result<Kek> {
+        let t = text.trim();
+        anyhow::ensure!(
+            t.len() == 2 * KEK_BYTES && t.bytes().all(|b| b.is_ascii_hexdigit()),
+            "the key-encryption key from {source} must be {} hex digits (got {} characters)",
+            2 * KEK_BYTES,
+            t.len()
+        );
+        let mut bytes = Zeroizing::new([0u8; KEK_BYTES]);
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        Ok(Kek(bytes))
+    }
+
+    /// Reads the KEK from `file` if given, else from the `ONECARD_KEK` value if given.
+    pub fn load(file: Option<&Path>, env_value: Option<&str>) -> anyhow::Result<Kek> {
+        match (file, env_value) {
+            (Some(path), _) => {
+                let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the key-encryption key file {}", path.display())
+                })?);
+                Kek::from_hex(&text, &path.display().to_string())
+            }
+            (None, Some(value)) => Kek::from_hex(value, "ONECARD_KEK"),
+            (None, None) => anyhow::bail!(
+                "no key-encryption key: set kek_file in the configuration, ONECARD_KEK_FILE, or \
+                 ONECARD_KEK (64 hex digits; `onecard keys new-kek` makes one)"
+            ),
+        }
+    }
+
+    /// A fresh random KEK, as 64 hex digits, for the operator to store outside the database.
+    pub fn generate_hex() -> anyhow::Result<Zeroizing<String>> {
+        let mut bytes = Zeroizing::new([0u8; KEK_BYTES]);
+        getrandom::fill(bytes.as_mut()).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+        let mut hex = Zeroizing::new(String::with_capacity(2 * KEK_BYTES));
+        for b in bytes.iter() {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        Ok(hex)
+    }
+
+    fn wrapper(&self) -> KwAes256 {
+        KwAes256::new_from_slice(self.0.as_ref()).expect("32-byte AES-256 key")
+    }
+
+    fn wrap(&self, key: &[u8; 16]) -> Vec<u8> {
+        let mut out = [0u8; 24];
+        self.wrapper()
+            .wrap_key(key, &mut out)
+            .expect("24 bytes hold a wrapped 16-byte key");
+        out.to_vec()
+    }
+
+    fn unwrap(&self, wrapped: &[u8]) -> anyhow::Result<Zeroizing<[u8; 16]>> {
+        let mut out = Zeroizing::new([0u8; 16]);
+        self.wrapper()
+            .unwrap_key(wrapped, out.as_mut())
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the key-encryption key does not open the stored master keys (wrong KEK?)"
+                )
+            })?;
+        Ok(out)
+    }
+}
+
+/// A master key's public description: what to show instead of the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub kind: KeyKind,
+    pub version: u8,
+    pub algorithm: PurseAlgorithm,
+    pub check_value: [u8; 4],
+    pub created_at: Timestamp,
+}
+
+/// What the platform asks of its keys. Implemented in software here; a hardware module can
+/// implement it too.
+pub trait SecurityModule: Send + Sync + fmt::Debug {
+    /// The newest version of a kind, which new cards are personalised under.
+    fn current_version(&self, kind: KeyKind) -> Option<u8>;
+
+    /// The card's three keys (DLK, DPK, DTK) under master key `version`, for personalising
+    /// the card. They leave the module only towards the card being personalised.
+    fn card_keys(&self, version: u8, asn: &Asn) -> anyhow::Result<CardKeys>;
+
+    /// Whether an uploaded purchase record's TAC was made by the card with this ASN.
+    fn verify_purchase_tac(&self, version: u8, record: &PurchaseTacInput) -> anyhow::Result<bool>;
+
+    /// Kinds, versions and check values: never keys.
+    fn list(&self) -> Vec<KeyInfo>;
+}
+
+/// The diversified keys of one card.
+pub struct CardKeys {
+    pub load: PurseKey,
+    pub purchase: PurseKey,
+    pub tac: PurseKey,
+}
+
+impl fmt::Debug for CardKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CardKeys(<redacted>)")
+    }
+}
+
+/// The fields of a purchase record that its TAC covers, and the TAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PurchaseTacInput {
+    pub asn: Asn,
+    pub amount_fen: u32,
+    pub terminal_id: TerminalId,
+    pub ttc: u32,
+    pub date_time: TxDateTime,
+    pub tac: Mac4,
+}
+
+/// The software security module: master keys unwrapped in memory from the database.
+pub struct SoftwareSecurityModule {
+    keys: BTreeMap<(KeyKind, u8), (PurseKey, KeyInfo)>,
+}
+
+impl fmt::Debug for SoftwareSecurityModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: Vec<String> = self
+            .keys
+            .values()
+            .map(|(_, i)| {
+                format!(
+                    "{} v{} kcv {}",
+                    i.kind.name(),
+                    i.version,
+                    hex(&i.check_value)
+                )
+            })
+            .collect();
+        write!(f, "SoftwareSecurityModule({})", shown.join(", "))
+    }
+}
+
+/// Uppercase hex of a check value.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+fn random_key() -> anyhow::Result<Zeroizing<[u8; 16]>> {
+    let mut key = Zeroizing::new([0u8; 16]);
+    getrandom::fill(key.as_mut()).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+    Ok(key)
+}
+
+impl SoftwareSecurityModule {
+    /// Opens the module: unwraps every stored master key with `kek`. A wrong KEK, or a stored
+    /// key whose check value does not match, is an error naming the key.
+    pub async fn open(store: &Store, kek: &Kek) -> anyhow::Result<SoftwareSecurityModule> {
+        let mut keys = BTreeMap::new();
+        for w in store.master_keys().await? {
+            let kind = KeyKind::from_code(w.kind)
+                .with_context(|| format!("unknown master key kind {}", w.kind))?;
+            let version = u8::try_from(w.version).context("master key version out of range")?;
+            let algorithm = u8::try_from(w.algorithm)
+                .ok()
+                .and_then(PurseAlgorithm::from_code)
+                .with_context(|| format!("unknown algorithm {} of {}", w.algorithm, kind.name()))?;
+            let clear = kek.unwrap(&w.wrapped)?;
+            let key = PurseKey::new(algorithm, *clear);
+            let check_value = key.check_value();
+            anyhow::ensure!(
+                w.check_value == check_value,
+                "master key {} version {version}: stored check value {} but the key gives {}",
+                kind.name(),
+                hex(&w.check_value),
+                hex(&check_value)
+            );
+            let info = KeyInfo {
+                kind,
+                version,
+                algorithm,
+                check_value,
+                created_at: w.created_at,
+            };
+            keys.insert((kind, version), (key, info));
+        }
+        Ok(SoftwareSecurityModule { keys })
+    }
+
+    /// The key ceremony: makes version 1 of every kind from system randomness and stores them
+    /// wrapped. Refused if any master key exists (add versions with [`Self::rotate`]).
+    pub async fn ceremony(
+        store: &Store,
+        kek: &Kek,
+        algorithm: PurseAlgorithm,
+        now: Timestamp,
+    ) -> anyhow::Result<Vec<KeyInfo>> {
+        anyhow::ensure!(
+            store.master_keys().await?.is_empty(),
+            "master keys exist already: the ceremony runs once (use `onecard keys rotate`)"
+        );
+        Self::add_versions(store, kek, &KeyKind::ALL, algorithm, now).await
+    }
+
+    /// Adds a new version of each kind in `kinds`, beside the old ones.
+    pub async fn rotate(
+        store: &Store,
+        kek: &Kek,
+        kinds: &[KeyKind],
+        algorithm: PurseAlgorithm,
+        now: Timestamp,
+    ) -> anyhow::Result<Vec<KeyInfo>> {
+        // Opening first proves the KEK is right before anything is added under it.
+        SoftwareSecurityModule::open(store, kek).await?;
+        Self::add_versions(store, kek, kinds, algorithm, now).await
+    }
+
+    async fn add_versions(
+        store: &Store,
+        kek: &Kek,
+        kinds: &[KeyKind],
+        algorithm: PurseAlgorithm,
+        now: Timestamp,
+    ) -> anyhow::Result<Vec<KeyInfo>> {
+        let existing = store.master_keys().await?;
+        let mut wrapped = Vec::new();
+        let mut infos = Vec::new();
+        for &kind in kinds {
+            let newest = existing
+                .iter()
+                .filter(|w| w.kind == kind.code())
+                .map(|w| w.version)
+                .max();
+            let version = u8::try_from(newest.unwrap_or(0) + 1)
+                .ok()
+                .with_context(|| format!("{} has used all 255 key versions", kind.name()))?;
+            let algorithm = if kind.is_card_key() {
+                algorithm
+            } else {
+                PurseAlgorithm::Tdes
+            };
+            let clear = random_key()?;
+            let key = PurseKey::new(algorithm, *clear);
+            let check_value = key.check_value();
+            wrapped.push(WrappedKey {
+                kind: kind.code(),
+                version: i16::from(version),
+                algorithm: i16::from(algorithm as u8),
+                wrapped: kek.wrap(&clear),
+                check_value: check_value.to_vec(),
+                created_at: now,
+            });
+            infos.push(KeyInfo {
+                kind,
+                version,
+                algorithm,
+                check_value,
+                created_at: now,
+            });
+        }
+        store.insert_master_keys(wrapped).await?;
+        Ok(infos)
+    }
+
+    fn key(&self, kind: KeyKind, version: u8) -> anyhow::Result<&PurseKey> {
+        self.keys
+            .get(&(kind, version))
+            .map(|(k, _)| k)
+            .with_context(|| format!("no {} master key version {version}", kind.name()))
+    }
+}
+
+impl SecurityModule for SoftwareSecurityModule {
+    fn current_version(&self, kind: KeyKind) -> Option<u8> {
+        self.keys
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, v)| *v)
+            .max()
+    }
+
+    fn card_keys(&self, version: u8, asn: &Asn) -> anyhow::Result<CardKeys> {
+        Ok(CardKeys {
+            load: self.key(KeyKind::Load, version)?.derive_card_key(&[], asn),
+            purchase: self
+                .key(KeyKind::Purchase, version)?
+                .derive_card_key(&[], asn),
+            tac: self.key(KeyKind::Tac, version)?.derive_card_key(&[], asn),
+        })
+    }
+
+    fn verify_purchase_tac(&self, version: u8, r: &PurchaseTacInput) -> anyhow::Result<bool> {
+        let tac_key = self
+            .key(KeyKind::Tac, version)?
+            .derive_card_key(&[], &r.asn)
+            .tac_key();
+        let tac = purchase_tac(
+            &tac_key,
+            r.amount_fen,
+            TxType::EpPurchase,
+            &r.terminal_id,
+            r.ttc,
+            &r.date_time,
+        );
+        Ok(tac.verify(&r.tac))
+    }
+
+    fn list(&self) -> Vec<KeyInfo> {
+        self.keys.values().map(|(_, i)| i.clone()).collect()
+    }
+}
