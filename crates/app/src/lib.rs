@@ -3,6 +3,7 @@
 //!
 //! This crate owns the clock: the ledger and the store are given the time, never read it.
 
+pub mod cards;
 pub mod demo;
 pub mod security;
 

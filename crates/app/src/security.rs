@@ -186,9 +186,19 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
     /// The newest version of a kind, which new cards are personalised under.
     fn current_version(&self, kind: KeyKind) -> Option<u8>;
 
-    /// The card's three keys (DLK, DPK, DTK) under master key `version`, for personalising
-    /// the card. They leave the module only towards the card being personalised.
-    fn card_keys(&self, version: u8, asn: &Asn) -> anyhow::Result<CardKeys>;
+    /// One of the card's keys (DLK, DPK or DTK for `Load`, `Purchase`, `Tac`) under master key
+    /// `version`, for personalising the card. Card keys leave the module only towards the
+    /// card being personalised.
+    fn card_key(&self, kind: KeyKind, version: u8, asn: &Asn) -> anyhow::Result<PurseKey>;
+
+    /// The card's three keys, all under master key `version`.
+    fn card_keys(&self, version: u8, asn: &Asn) -> anyhow::Result<CardKeys> {
+        Ok(CardKeys {
+            load: self.card_key(KeyKind::Load, version, asn)?,
+            purchase: self.card_key(KeyKind::Purchase, version, asn)?,
+            tac: self.card_key(KeyKind::Tac, version, asn)?,
+        })
+    }
 
     /// Whether an uploaded purchase record's TAC was made by the card with this ASN.
     fn verify_purchase_tac(&self, version: u8, record: &PurchaseTacInput) -> anyhow::Result<bool>;
@@ -382,14 +392,9 @@ impl SecurityModule for SoftwareSecurityModule {
             .max()
     }
 
-    fn card_keys(&self, version: u8, asn: &Asn) -> anyhow::Result<CardKeys> {
-        Ok(CardKeys {
-            load: self.key(KeyKind::Load, version)?.derive_card_key(&[], asn),
-            purchase: self
-                .key(KeyKind::Purchase, version)?
-                .derive_card_key(&[], asn),
-            tac: self.key(KeyKind::Tac, version)?.derive_card_key(&[], asn),
-        })
+    fn card_key(&self, kind: KeyKind, version: u8, asn: &Asn) -> anyhow::Result<PurseKey> {
+        anyhow::ensure!(kind.is_card_key(), "{} is not a card key", kind.name());
+        Ok(self.key(kind, version)?.derive_card_key(&[], asn))
     }
 
     fn verify_purchase_tac(&self, version: u8, r: &PurchaseTacInput) -> anyhow::Result<bool> {

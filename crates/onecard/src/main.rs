@@ -75,6 +75,9 @@ enum Command {
     /// Master keys in the security module (check values only; keys are never shown).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Software cards: a card is a file.
+    #[command(subcommand)]
+    Card(CardCommand),
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -99,6 +102,40 @@ enum KeysCommand {
         kinds: Vec<app::security::KeyKind>,
         #[arg(long, value_enum, default_value = "3des")]
         algorithm: AlgorithmChoice,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CardCommand {
+    /// Make a software card personalised with keys from the security module.
+    Create {
+        /// The card file to write (refused if it exists).
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+        /// Application serial number: 20 digits.
+        #[arg(long)]
+        asn: String,
+        /// First day of validity, YYYYMMDD (default: today).
+        #[arg(long)]
+        start: Option<String>,
+        /// Last day of validity, YYYYMMDD (default: four years after the start).
+        #[arg(long)]
+        expiry: Option<String>,
+        #[arg(long, default_value = "123456")]
+        pin: String,
+        /// Most the purse may hold, in fen.
+        #[arg(long, default_value_t = 100_000)]
+        balance_max_fen: u32,
+    },
+    /// The purse balance and counters of a card file.
+    Balance {
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// The card's own transaction records (EF0018), newest first.
+    History {
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
     },
 }
 
@@ -374,6 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Transfer(cmd) => return transfer(&config, cmd).await,
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
+        Command::Card(cmd) => card_command(&config, cmd).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -444,18 +482,131 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
     result
 }
 
+fn load_kek(config: &Config) -> anyhow::Result<app::security::Kek> {
+    use secrecy::ExposeSecret;
+    app::security::Kek::load(
+        config.kek_file.as_deref(),
+        config.kek_env.as_ref().map(|s| s.expose_secret()),
+    )
+}
+
+fn read_card(path: &std::path::Path) -> anyhow::Result<card::soft_card::SoftCard> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading card file {}", path.display()))?;
+    card::soft_card::SoftCard::from_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid card file: {e}", path.display()))
+}
+
+async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
+    match cmd {
+        CardCommand::Create {
+            file,
+            asn,
+            start,
+            expiry,
+            pin,
+            balance_max_fen,
+        } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let asn = card::purse::Asn::parse_digits(&asn)
+                .map_err(|e| anyhow::anyhow!("invalid ASN {asn:?}: {e}"))?;
+            let today = civil_date(app::Clock::now(&SystemClock));
+            let start = start.unwrap_or(today);
+            let expiry = match expiry {
+                Some(e) => e,
+                None => {
+                    let year: u32 = start.get(..4).and_then(|y| y.parse().ok()).unwrap_or(2026);
+                    format!("{}{}", year + 4, start.get(4..).unwrap_or("1231"))
+                }
+            };
+            let kek = load_kek(config)?;
+            let store = open(config, false).await?;
+            let module = app::security::SoftwareSecurityModule::open(&store, &kek).await?;
+            let profile = app::cards::CardProfile {
+                issuer_id: *b"ONECARD1",
+                start_date: start,
+                expiry_date: expiry,
+                balance_max_fen,
+                pin,
+            };
+            let soft = app::cards::personalise_soft_card(&module, asn, &profile)?;
+            // Like a real card's memory, the file holds the card's keys: owner-only.
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| {
+                    format!("creating card file {} (it must not exist)", file.display())
+                })?;
+            out.write_all(&soft.to_bytes())?;
+            println!("card {asn} personalised into {}", file.display());
+        }
+        CardCommand::Balance { file } => {
+            let c = read_card(&file)?;
+            let d = c.issuer_data();
+            println!("card      {}", d.asn);
+            println!(
+                "balance   {} yuan ({} fen)",
+                ledger::Fen::new(i64::from(c.balance_fen())),
+                c.balance_fen()
+            );
+            println!(
+                "maximum   {} yuan",
+                ledger::Fen::new(i64::from(c.balance_max_fen()))
+            );
+            println!(
+                "counters  online {} offline {}",
+                c.online_counter(),
+                c.offline_counter()
+            );
+        }
+        CardCommand::History { file } => {
+            let c = read_card(&file)?;
+            let records: Vec<_> = c.records().collect();
+            if records.is_empty() {
+                println!("no transactions on card {}", c.issuer_data().asn);
+            }
+            for r in records {
+                println!(
+                    "{:>5}  {:<12} {:>10} yuan  terminal {}  at {}",
+                    r.counter,
+                    format!("{:?}", r.tx_type),
+                    ledger::Fen::new(i64::from(r.amount_fen)).to_string(),
+                    r.terminal_id,
+                    // BCD: the hex digits are the date and time.
+                    app::security::hex(&r.date_time.to_bytes())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `YYYYMMDD` of a UTC timestamp (days-from-civil, proleptic Gregorian).
+fn civil_date(t: ledger::Timestamp) -> String {
+    let days = t.0.div_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}")
+}
+
 async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
     use app::Clock as _;
     use app::security::{Kek, KeyInfo, SecurityModule, SoftwareSecurityModule, hex};
-    use secrecy::ExposeSecret;
     if let KeysCommand::NewKek = cmd {
         println!("{}", *Kek::generate_hex()?);
         return Ok(());
     }
-    let kek = Kek::load(
-        config.kek_file.as_deref(),
-        config.kek_env.as_ref().map(|s| s.expose_secret()),
-    )?;
+    let kek = load_kek(config)?;
     let store = open(config, false).await?;
     let now = SystemClock.now();
     let print = |keys: &[KeyInfo]| {

@@ -419,3 +419,75 @@ fn key_ceremony_list_rotate_and_a_wrong_or_missing_kek() {
         .unwrap();
     assert_eq!(lens, vec![24; 7]);
 }
+
+#[test]
+fn card_files_are_personalised_from_the_security_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(&data, &["init"]);
+    let kek = "ab".repeat(32);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_onecard"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .env("ONECARD_LOG", "warn")
+            .env("ONECARD_KEK", &kek)
+            .output()
+            .unwrap()
+    };
+    let card = dir.path().join("alice.card");
+    let card_arg = card.to_str().unwrap();
+    let asn = "10000000000000000001";
+    let before = run(&["card", "create", "--file", card_arg, "--asn", asn]);
+    assert!(
+        text(&before).contains("run `onecard keys ceremony`"),
+        "{}",
+        text(&before)
+    );
+    assert!(run(&["keys", "ceremony"]).status.success());
+
+    let made = run(&[
+        "card", "create", "--file", card_arg, "--asn", asn, "--start", "20260901",
+    ]);
+    assert!(made.status.success(), "{}", text(&made));
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&card).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let balance = text(&run(&["card", "balance", "--file", card_arg]));
+    assert!(
+        balance.contains(asn) && balance.contains("0.00 yuan (0 fen)"),
+        "{balance}"
+    );
+    assert!(balance.contains("maximum   1000.00 yuan"), "{balance}");
+    assert!(text(&run(&["card", "history", "--file", card_arg])).contains("no transactions"));
+
+    // Bad input: an existing file, a malformed ASN or date, a damaged card file.
+    let again = run(&["card", "create", "--file", card_arg, "--asn", asn]);
+    assert!(text(&again).contains("must not exist"), "{}", text(&again));
+    let other = dir.path().join("bob.card");
+    let other_arg = other.to_str().unwrap();
+    let bad_asn = run(&["card", "create", "--file", other_arg, "--asn", "12ab"]);
+    assert!(text(&bad_asn).contains("invalid ASN"), "{}", text(&bad_asn));
+    let bad_date = run(&[
+        "card", "create", "--file", other_arg, "--asn", asn, "--expiry", "20261340",
+    ]);
+    assert!(
+        text(&bad_date).contains("not a calendar date"),
+        "{}",
+        text(&bad_date)
+    );
+    assert!(!other.exists(), "a refused card leaves no file");
+    let mut bytes = std::fs::read(&card).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&other, &bytes).unwrap();
+    let damaged = run(&["card", "balance", "--file", other_arg]);
+    assert!(
+        text(&damaged).contains("is not a valid card file"),
+        "{}",
+        text(&damaged)
+    );
+}
