@@ -15,7 +15,7 @@ use std::path::Path;
 
 use aes_kw::{KeyInit, KwAes256};
 use anyhow::Context as _;
-use card::crypto::{Mac4, PurseAlgorithm, PurseKey, purchase_tac};
+use card::crypto::{Mac4, PurseAlgorithm, PurseKey, load_mac1, load_mac2, load_tac, purchase_tac};
 use card::purse::{Asn, TerminalId, TxDateTime, TxType};
 use ledger::Timestamp;
 use store::{Store, WrappedKey};
@@ -200,6 +200,19 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
         })
     }
 
+    /// The host side of a load (圈存): checks the card's MAC1 and, only if it is right, makes
+    /// the MAC2 that lets the card credit its purse. `None`: MAC1 is wrong, nothing is made.
+    /// The caller holds the money on the platform before asking (invariant 5).
+    fn authorise_load(&self, version: u8, load: &LoadAuthorisation)
+    -> anyhow::Result<Option<Mac4>>;
+
+    /// Whether a load's TAC was made by the card with this ASN.
+    fn verify_load_tac(&self, version: u8, load: &LoadTacInput) -> anyhow::Result<bool>;
+
+    /// The purchase master key of `version`, for personalising a PSAM (which derives each
+    /// card's DPK itself). It leaves the module only towards the PSAM being personalised.
+    fn psam_purchase_master(&self, version: u8) -> anyhow::Result<PurseKey>;
+
     /// Whether an uploaded purchase record's TAC was made by the card with this ASN.
     fn verify_purchase_tac(&self, version: u8, record: &PurchaseTacInput) -> anyhow::Result<bool>;
 
@@ -227,6 +240,31 @@ pub struct PurchaseTacInput {
     pub amount_fen: u32,
     pub terminal_id: TerminalId,
     pub ttc: u32,
+    pub date_time: TxDateTime,
+    pub tac: Mac4,
+}
+
+/// What the card answered to INITIALIZE FOR LOAD, and the load it asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadAuthorisation {
+    pub asn: Asn,
+    pub random: [u8; 4],
+    pub online_counter: u16,
+    pub old_balance_fen: u32,
+    pub amount_fen: u32,
+    pub terminal_id: TerminalId,
+    pub date_time: TxDateTime,
+    pub mac1: Mac4,
+}
+
+/// The fields a load's TAC covers, and the TAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadTacInput {
+    pub asn: Asn,
+    pub new_balance_fen: u32,
+    pub online_counter: u16,
+    pub amount_fen: u32,
+    pub terminal_id: TerminalId,
     pub date_time: TxDateTime,
     pub tac: Mac4,
 }
@@ -395,6 +433,51 @@ impl SecurityModule for SoftwareSecurityModule {
     fn card_key(&self, kind: KeyKind, version: u8, asn: &Asn) -> anyhow::Result<PurseKey> {
         anyhow::ensure!(kind.is_card_key(), "{} is not a card key", kind.name());
         Ok(self.key(kind, version)?.derive_card_key(&[], asn))
+    }
+
+    fn authorise_load(&self, version: u8, l: &LoadAuthorisation) -> anyhow::Result<Option<Mac4>> {
+        let dlk = self
+            .key(KeyKind::Load, version)?
+            .derive_card_key(&[], &l.asn);
+        let session = dlk.load_session_key(l.random, l.online_counter);
+        let mac1 = load_mac1(
+            &session,
+            l.old_balance_fen,
+            l.amount_fen,
+            TxType::EpLoad,
+            &l.terminal_id,
+        );
+        if !mac1.verify(&l.mac1) {
+            return Ok(None);
+        }
+        Ok(Some(load_mac2(
+            &session,
+            l.amount_fen,
+            TxType::EpLoad,
+            &l.terminal_id,
+            &l.date_time,
+        )))
+    }
+
+    fn verify_load_tac(&self, version: u8, l: &LoadTacInput) -> anyhow::Result<bool> {
+        let tac_key = self
+            .key(KeyKind::Tac, version)?
+            .derive_card_key(&[], &l.asn)
+            .tac_key();
+        let tac = load_tac(
+            &tac_key,
+            l.new_balance_fen,
+            l.online_counter,
+            l.amount_fen,
+            TxType::EpLoad,
+            &l.terminal_id,
+            &l.date_time,
+        );
+        Ok(tac.verify(&l.tac))
+    }
+
+    fn psam_purchase_master(&self, version: u8) -> anyhow::Result<PurseKey> {
+        Ok(self.key(KeyKind::Purchase, version)?.clone())
     }
 
     fn verify_purchase_tac(&self, version: u8, r: &PurchaseTacInput) -> anyhow::Result<bool> {
