@@ -137,6 +137,15 @@ enum CardCommand {
         #[arg(long, value_name = "PATH")]
         file: PathBuf,
     },
+    /// Put the card into pcscd's virtual reader (vsmartcard-vpcd) until Ctrl-C: any PC/SC
+    /// application then sees it as a real card. The file is saved after every command.
+    ServeVpcd {
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+        /// Where the vpcd driver listens.
+        #[arg(long, default_value = "127.0.0.1:35963")]
+        vpcd: std::net::SocketAddr,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -560,6 +569,36 @@ async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
                 "counters  online {} offline {}",
                 c.online_counter(),
                 c.offline_counter()
+            );
+        }
+        CardCommand::ServeVpcd { file, vpcd } => {
+            let mut soft = read_card(&file)?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            let path = file.clone();
+            let answered = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let stream = reader::vpcd::connect(vpcd, Duration::from_secs(10))
+                    .with_context(|| format!("connecting to the vpcd driver at {vpcd} (is pcscd running with vsmartcard-vpcd?)"))?;
+                println!("card in the virtual reader (vpcd {vpcd}); Ctrl-C takes it out");
+                let seed = u64::try_from(app::Clock::now(&SystemClock).0).unwrap_or(1);
+                let mut rng = card::random::SeededRandom::new(seed);
+                let mut saved = Ok(());
+                let answered = reader::vpcd::serve(&mut soft, &mut rng, stream, &stop, |c| {
+                    if saved.is_ok() {
+                        saved = std::fs::write(&path, &*c.to_bytes());
+                    }
+                })?;
+                saved.with_context(|| format!("saving {}", path.display()))?;
+                Ok(answered)
+            })
+            .await??;
+            println!(
+                "card taken out after {answered} commands; {} saved",
+                file.display()
             );
         }
         CardCommand::History { file } => {

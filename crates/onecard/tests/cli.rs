@@ -491,3 +491,89 @@ fn card_files_are_personalised_from_the_security_module() {
         text(&damaged)
     );
 }
+
+#[test]
+fn a_card_file_serves_the_vpcd_protocol_and_is_saved() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(&data, &["init"]);
+    let kek = "cd".repeat(32);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_onecard"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .env("ONECARD_LOG", "warn")
+            .env("ONECARD_KEK", &kek)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["keys", "ceremony"]).status.success());
+    let card = dir.path().join("c.card");
+    let card_arg = card.to_str().unwrap().to_owned();
+    assert!(
+        run(&[
+            "card",
+            "create",
+            "--file",
+            &card_arg,
+            "--asn",
+            "10000000000000000005"
+        ])
+        .status
+        .success()
+    );
+    let before = std::fs::read(&card).unwrap();
+
+    // A fake vpcd driver: ATR, SELECT the purse, a VERIFY with a wrong PIN (which the card
+    // remembers: one try fewer), then it hangs up.
+    let driver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = driver.local_addr().unwrap().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["card", "serve-vpcd", "--file", &card_arg, "--vpcd", &addr])
+        .env("ONECARD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = driver.accept().unwrap();
+    let mut exchange = |body: &[u8], answer: bool| -> Vec<u8> {
+        let mut msg = (body.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(body);
+        conn.write_all(&msg).unwrap();
+        if !answer {
+            return Vec::new();
+        }
+        let mut len = [0u8; 2];
+        conn.read_exact(&mut len).unwrap();
+        let mut out = vec![0u8; u16::from_be_bytes(len) as usize];
+        conn.read_exact(&mut out).unwrap();
+        out
+    };
+    exchange(&[0x01], false);
+    assert_eq!(exchange(&[0x04], true)[0], 0x3B);
+    let select = exchange(
+        &[
+            0x00, 0xA4, 0x04, 0x00, 0x09, 0xA0, 0, 0, 0, 0x03, 0x86, 0x98, 0x07, 0x01,
+        ],
+        true,
+    );
+    assert_eq!(&select[select.len() - 2..], &[0x90, 0x00]);
+    let verify = exchange(&[0x00, 0x20, 0x00, 0x00, 0x03, 0x99, 0x99, 0x99], true);
+    assert_eq!(verify[0], 0x63, "wrong PIN: 63Cx");
+    drop(conn);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("after 2 commands"));
+    assert_ne!(
+        std::fs::read(&card).unwrap(),
+        before,
+        "the PIN try was saved to the card file"
+    );
+}
