@@ -108,6 +108,7 @@ enum KeysCommand {
 #[derive(Subcommand, Debug)]
 enum CardCommand {
     /// Make a software card personalised with keys from the security module.
+    #[command(visible_alias = "personalise")]
     Create {
         /// The card file to write (refused if it exists).
         #[arg(long, value_name = "PATH")]
