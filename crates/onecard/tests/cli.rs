@@ -25,6 +25,20 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Runs onecard with `kek` in ONECARD_KEK (or none), and no other KEK setting.
+fn with_kek(data: &Path, kek: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_onecard"));
+    cmd.arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env("ONECARD_LOG", "warn");
+    cmd.env_remove("ONECARD_KEK").env_remove("ONECARD_KEK_FILE");
+    if let Some(k) = kek {
+        cmd.env("ONECARD_KEK", k);
+    }
+    cmd.output().expect("running onecard")
+}
+
 fn ok(data: &Path, args: &[&str]) -> String {
     let o = onecard(data, args);
     assert!(o.status.success(), "onecard {args:?} failed:\n{}", text(&o));
@@ -351,18 +365,7 @@ fn key_ceremony_list_rotate_and_a_wrong_or_missing_kek() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     ok(&data, &["init"]);
-    let with_kek = |kek: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_onecard"));
-        cmd.arg("--data-dir")
-            .arg(&data)
-            .args(args)
-            .env("ONECARD_LOG", "warn");
-        cmd.env_remove("ONECARD_KEK").env_remove("ONECARD_KEK_FILE");
-        if let Some(k) = kek {
-            cmd.env("ONECARD_KEK", k);
-        }
-        cmd.output().unwrap()
-    };
+    let with_kek = |kek: Option<&str>, args: &[&str]| with_kek(&data, kek, args);
     let fresh = String::from_utf8(onecard(&data, &["keys", "new-kek"]).stdout).unwrap();
     let kek = fresh.trim();
     assert_eq!(kek.len(), 64);
@@ -426,16 +429,7 @@ fn card_files_are_personalised_from_the_security_module() {
     let data = dir.path().join("data");
     ok(&data, &["init"]);
     let kek = "ab".repeat(32);
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_onecard"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args(args)
-            .env("ONECARD_LOG", "warn")
-            .env("ONECARD_KEK", &kek)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| with_kek(&data, Some(&kek), args);
     let card = dir.path().join("alice.card");
     let card_arg = card.to_str().unwrap();
     let asn = "10000000000000000001";
@@ -499,16 +493,7 @@ fn a_card_file_serves_the_vpcd_protocol_and_is_saved() {
     let data = dir.path().join("data");
     ok(&data, &["init"]);
     let kek = "cd".repeat(32);
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_onecard"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args(args)
-            .env("ONECARD_LOG", "warn")
-            .env("ONECARD_KEK", &kek)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| with_kek(&data, Some(&kek), args);
     assert!(run(&["keys", "ceremony"]).status.success());
     let card = dir.path().join("c.card");
     let card_arg = card.to_str().unwrap().to_owned();
