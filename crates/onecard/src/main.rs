@@ -500,6 +500,27 @@ fn load_kek(config: &Config) -> anyhow::Result<app::security::Kek> {
     )
 }
 
+/// Replaces a card file atomically: a new file beside it, synced, then renamed over it, so a
+/// crash leaves the old card or the new one, never half of one.
+fn save_card(path: &std::path::Path, c: &card::soft_card::SoftCard) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("card-new");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&c.to_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn read_card(path: &std::path::Path) -> anyhow::Result<card::soft_card::SoftCard> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading card file {}", path.display()))?;
@@ -587,13 +608,9 @@ async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
                 println!("card in the virtual reader (vpcd {vpcd}); Ctrl-C takes it out");
                 let seed = u64::try_from(app::Clock::now(&SystemClock).0).unwrap_or(1);
                 let mut rng = card::random::SeededRandom::new(seed);
-                let mut saved = Ok(());
-                let answered = reader::vpcd::serve(&mut soft, &mut rng, stream, &stop, |c| {
-                    if saved.is_ok() {
-                        saved = std::fs::write(&path, &*c.to_bytes());
-                    }
-                })?;
-                saved.with_context(|| format!("saving {}", path.display()))?;
+                let answered =
+                    reader::vpcd::serve(&mut soft, &mut rng, stream, &stop, |c| save_card(&path, c))
+                        .with_context(|| format!("serving {}", path.display()))?;
                 Ok(answered)
             })
             .await??;

@@ -98,12 +98,93 @@ impl Pcsc {
 impl CardTransport for Pcsc {
     fn transmit(&mut self, apdu: &[u8]) -> anyhow::Result<Response> {
         use anyhow::Context as _;
-        let mut buf = [0u8; RESPONSE_BYTES_MAX];
-        let answer = self
-            .card
-            .transmit(apdu, &mut buf)
-            .with_context(|| format!("sending an APDU through {}", self.reader))?;
-        Response::parse(answer)
+        let reader = self.reader.clone();
+        let card = &self.card;
+        let answer = t0_exchange(apdu, |a| {
+            let mut buf = [0u8; RESPONSE_BYTES_MAX];
+            let r = card
+                .transmit(a, &mut buf)
+                .with_context(|| format!("sending an APDU through {reader}"))?;
+            Ok(r.to_vec())
+        })?;
+        Response::parse(&answer)
             .map_err(|e| anyhow::anyhow!("malformed response {answer:02X?}: {e:?}"))
+    }
+}
+
+/// Most GET RESPONSE rounds one command may take.
+pub const GET_RESPONSE_ROUNDS_MAX: usize = 8;
+
+/// The T=0 conventions a reader leaves to the application: `6Cxx` (wrong Le: send again with
+/// Le = xx) and `61xx` (xx more bytes: GET RESPONSE). Returns the whole response.
+pub fn t0_exchange(
+    apdu: &[u8],
+    mut send: impl FnMut(&[u8]) -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut answer = send(apdu)?;
+    if let [0x6C, le] = answer[..] {
+        let mut again = apdu.to_vec();
+        // The Le is the last byte of a case 2 or 4 command; a command without one gets one.
+        let has_le = apdu.len() == 5 || (apdu.len() > 5 && apdu.len() == 6 + usize::from(apdu[4]));
+        if has_le {
+            *again.last_mut().expect("non-empty") = le;
+        } else {
+            again.push(le);
+        }
+        answer = send(&again)?;
+    }
+    let mut data = Vec::new();
+    for _ in 0..GET_RESPONSE_ROUNDS_MAX {
+        match answer[..] {
+            [ref body @ .., 0x61, more] => {
+                data.extend_from_slice(body);
+                answer = send(&[0x00, 0xC0, 0x00, 0x00, more])?;
+            }
+            _ => {
+                data.extend_from_slice(&answer);
+                return Ok(data);
+            }
+        }
+    }
+    anyhow::bail!("the card asked for more than {GET_RESPONSE_ROUNDS_MAX} GET RESPONSE rounds")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::t0_exchange;
+
+    /// A T=0 card that answers a 4-byte balance with 61 04, then GET RESPONSE.
+    #[test]
+    fn get_response_and_wrong_le_are_handled() {
+        let mut sent = Vec::new();
+        let answer = t0_exchange(&[0x80, 0x5C, 0x00, 0x02, 0x04], |a| {
+            sent.push(a.to_vec());
+            Ok(match a {
+                [0x80, 0x5C, ..] => vec![0x61, 0x04],
+                [0x00, 0xC0, 0x00, 0x00, 0x04] => vec![0x00, 0x00, 0x27, 0x10, 0x90, 0x00],
+                _ => vec![0x6D, 0x00],
+            })
+        })
+        .unwrap();
+        assert_eq!(answer, vec![0x00, 0x00, 0x27, 0x10, 0x90, 0x00]);
+        assert_eq!(sent.len(), 2);
+
+        let answer = t0_exchange(&[0x00, 0xB0, 0x95, 0x00, 0x00], |a| {
+            Ok(if a[4] == 0x1E {
+                vec![0xAB; 0x1E + 2]
+            } else {
+                vec![0x6C, 0x1E]
+            })
+        })
+        .unwrap();
+        assert_eq!(answer.len(), 0x1E + 2, "sent again with Le = 1E");
+
+        let endless = t0_exchange(&[0x00, 0x84, 0x00, 0x00, 0x04], |_| Ok(vec![0x61, 0x10]));
+        assert!(
+            endless
+                .unwrap_err()
+                .to_string()
+                .contains("GET RESPONSE rounds")
+        );
     }
 }

@@ -40,13 +40,17 @@ pub fn connect(addr: SocketAddr, wait: Duration) -> io::Result<TcpStream> {
 
 /// Answers the driver for `card` until `stop` is set, the driver closes the connection, or the
 /// card loses power mid-command (a tear: the driver then sees the card vanish). Returns the
-/// number of APDUs answered. `after_command` runs after each APDU (to save the card's state).
+/// number of APDUs answered.
+///
+/// `persist` runs after each command and *before* its response is sent: a terminal never holds
+/// a response (a TAC, a new balance) that the saved card does not. If it fails, the response
+/// is not sent and serving stops with that error.
 pub fn serve(
     card: &mut SoftCard,
     rng: &mut dyn RandomSource,
     mut stream: TcpStream,
     stop: &AtomicBool,
-    mut after_command: impl FnMut(&SoftCard),
+    mut persist: impl FnMut(&SoftCard) -> io::Result<()>,
 ) -> io::Result<u64> {
     stream.set_read_timeout(Some(Duration::from_millis(STOP_POLL_MS)))?;
     stream.set_nodelay(true)?;
@@ -66,12 +70,12 @@ pub fn serve(
             }
             apdu => match card.transmit(apdu, rng) {
                 Ok(response) => {
+                    persist(card)?;
                     write_message(&mut stream, &response.to_bytes())?;
                     answered += 1;
-                    after_command(card);
                 }
                 Err(_torn) => {
-                    after_command(card);
+                    persist(card)?;
                     return Ok(answered);
                 }
             },

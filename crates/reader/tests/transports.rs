@@ -130,7 +130,7 @@ fn vpcd_protocol_against_a_fake_driver() {
     let served = std::thread::spawn(move || {
         let mut card = issuer.issue(asn(2));
         let stream = vpcd::connect(addr, Duration::from_secs(5)).unwrap();
-        vpcd::serve(&mut card, &mut rng(2), stream, &stop2, |_| {})
+        vpcd::serve(&mut card, &mut rng(2), stream, &stop2, |_| Ok(()))
     });
     let (mut driver, _) = listener.accept().unwrap();
     let mut ask = |body: &[u8]| {
@@ -169,7 +169,7 @@ fn vpcd_protocol_against_a_fake_driver() {
             &mut rng(3),
             stream,
             &AtomicBool::new(false),
-            |_| {},
+            |_| Ok(()),
         )
     });
     let (mut driver, _) = listener.accept().unwrap();
@@ -181,17 +181,59 @@ fn vpcd_protocol_against_a_fake_driver() {
     );
 }
 
-/// pcscd is needed; CI installs it (see .ci/run). Outside CI, its absence skips this test
-/// with a message; in CI it fails.
+#[test]
+fn a_failed_save_sends_no_response_and_stops() {
+    let issuer = Issuer::spec_5_3();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::thread::spawn(move || {
+        let mut card = issuer.issue(asn(4));
+        let stream = vpcd::connect(addr, Duration::from_secs(5)).unwrap();
+        let full = || std::io::Error::other("disk full");
+        vpcd::serve(
+            &mut card,
+            &mut rng(4),
+            stream,
+            &AtomicBool::new(false),
+            |_| Err(full()),
+        )
+    });
+    let (mut driver, _) = listener.accept().unwrap();
+    let select = commands::select_by_name(&EP_ADF_AID);
+    let mut msg = (select.len() as u16).to_be_bytes().to_vec();
+    msg.extend_from_slice(&select);
+    driver.write_all(&msg).unwrap();
+    let err = served.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("disk full"));
+    let mut rest = Vec::new();
+    driver.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.is_empty(),
+        "a response went out before the card was saved: {rest:02X?}"
+    );
+}
+
+/// Where Debian installs pcscd (root's PATH has it; others' may not).
+const PCSCD: &str = "/usr/sbin/pcscd";
+
+/// A pcscd this test started; stopped when dropped, also when the test fails.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// pcscd is needed; .ci/run installs it. Outside CI its absence skips this test with a
+/// message; in CI it fails.
 fn pcscd_available() -> bool {
-    let found = std::process::Command::new("pcscd")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let found = std::path::Path::new(PCSCD).is_file();
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI is set but pcscd is not installed"
+            "CI is set but {PCSCD} is not installed"
         );
         eprintln!("pcscd is not installed: PC/SC run not possible here");
     }
@@ -203,19 +245,17 @@ fn software_card_behind_pcscd_and_vpcd() {
     if !pcscd_available() {
         return;
     }
-    // Start pcscd unless one runs already; it loads the vpcd driver, which listens for us.
-    // Asking the resource manager is the test of "running" (a defunct process is not).
+    // Start pcscd unless one answers already (asking is the test: a defunct process is not
+    // running); it loads the vpcd driver, which listens for the card.
     let running = pcsc::Context::establish(pcsc::Scope::User).is_ok();
-    let mut daemon = if running {
-        None
-    } else {
-        Some(
-            std::process::Command::new("pcscd")
+    let _daemon = (!running).then(|| {
+        Daemon(
+            std::process::Command::new(PCSCD)
                 .arg("--foreground")
                 .spawn()
                 .expect("starting pcscd"),
         )
-    };
+    });
     let issuer = Issuer::spec_5_3();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -224,7 +264,7 @@ fn software_card_behind_pcscd_and_vpcd() {
         let mut card = card_issuer.issue(asn(42));
         let addr: SocketAddr = ([127, 0, 0, 1], vpcd::VPCD_PORT).into();
         let stream = vpcd::connect(addr, Duration::from_secs(10)).expect("vpcd is listening");
-        let answered = vpcd::serve(&mut card, &mut rng(42), stream, &stop2, |_| {}).unwrap();
+        let answered = vpcd::serve(&mut card, &mut rng(42), stream, &stop2, |_| Ok(())).unwrap();
         (card, answered)
     });
     // The reader shows the card once pcscd has polled the driver.
@@ -232,7 +272,10 @@ fn software_card_behind_pcscd_and_vpcd() {
     let mut transport = loop {
         match Pcsc::connect("Virtual PCD 00 00") {
             Ok(t) => break t,
-            Err(e) if Instant::now() > deadline => panic!("no card in the virtual reader: {e:#}"),
+            Err(e) if Instant::now() > deadline => panic!(
+                "no card in pcscd's reader \"Virtual PCD 00 00\" after 15 s (is vsmartcard-vpcd \
+                 installed, and was pcscd started after it?): {e:#}"
+            ),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     };
@@ -250,8 +293,4 @@ fn software_card_behind_pcscd_and_vpcd() {
         8_000 - 1_234,
         "the card that pcscd saw is the one that paid"
     );
-    if let Some(d) = daemon.as_mut() {
-        let _ = d.kill();
-        let _ = d.wait();
-    }
 }
