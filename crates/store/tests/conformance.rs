@@ -410,6 +410,33 @@ conformance! {
     }
 }
 
+conformance! {
+    async fn master_keys_are_stored_once_and_never_changed(db) {
+        let s = &db.store;
+        let key = |kind: i16, version: i16| store::WrappedKey {
+            kind,
+            version,
+            algorithm: 0,
+            wrapped: vec![kind as u8; 24],
+            check_value: vec![1, 2, 3, 4],
+            created_at: NOW,
+        };
+        s.insert_master_keys(vec![key(1, 1), key(2, 1)]).await.unwrap();
+        // All or none: the second key of this batch exists, so the first is not stored either.
+        let dup = s.insert_master_keys(vec![key(3, 1), key(2, 1)]).await;
+        assert!(matches!(dup, Err(StoreError::Invalid(m)) if m.contains("exists already")));
+        let stored = s.master_keys().await.unwrap();
+        assert_eq!(stored, vec![key(1, 1), key(2, 1)]);
+        for sql in ["UPDATE master_keys SET version = 9", "DELETE FROM master_keys"] {
+            let refused = db.raw(sql).await.unwrap_err();
+            assert!(refused.contains("insert-only"), "{sql}: {refused}");
+        }
+        // The schema refuses a key that is not wrapped (24 bytes).
+        assert!(db.raw("INSERT INTO master_keys VALUES (4, 1, 0, '\\x00', '\\x00000000', 0)").await.is_err());
+        assert_eq!(s.master_keys().await.unwrap().len(), 2);
+    }
+}
+
 /// A tiny deterministic generator, so a failing workload can be replayed from its seed.
 struct Rng(u64);
 

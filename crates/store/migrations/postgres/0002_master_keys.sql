@@ -14,5 +14,7 @@ CREATE FUNCTION master_keys_insert_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'master keys are insert-only';
 END $$;
-CREATE TRIGGER master_keys_insert_only BEFORE UPDATE ON master_keys
+CREATE TRIGGER master_keys_insert_only BEFORE UPDATE OR DELETE ON master_keys
     FOR EACH ROW EXECUTE FUNCTION master_keys_insert_only();
+CREATE TRIGGER master_keys_insert_only_truncate BEFORE TRUNCATE ON master_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION master_keys_insert_only();

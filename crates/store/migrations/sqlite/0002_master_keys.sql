@@ -12,3 +12,5 @@ CREATE TABLE master_keys (
 
 CREATE TRIGGER master_keys_insert_only_update BEFORE UPDATE ON master_keys
 BEGIN SELECT RAISE(ABORT, 'master keys are insert-only'); END;
+CREATE TRIGGER master_keys_insert_only_delete BEFORE DELETE ON master_keys
+BEGIN SELECT RAISE(ABORT, 'master keys are insert-only'); END;
