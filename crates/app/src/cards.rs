@@ -16,8 +16,19 @@ pub const RECORD_CAPACITY: u8 = 10;
 /// Wrong PINs before a card blocks its PIN.
 pub const PIN_TRIES_MAX: u8 = 3;
 
+/// Randomness for a software card serving real terminals (card challenges protect against
+/// replayed MACs): the operating system's generator.
+#[derive(Debug, Default)]
+pub struct OsRandom;
+
+impl card::random::RandomSource for OsRandom {
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        getrandom::fill(dest).expect("the operating system's random generator");
+    }
+}
+
 /// What the card desk chooses when issuing.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CardProfile {
     /// Eight bytes naming the issuer (the school or city).
     pub issuer_id: [u8; 8],
@@ -27,6 +38,17 @@ pub struct CardProfile {
     pub expiry_date: String,
     pub balance_max_fen: u32,
     pub pin: String,
+}
+
+impl std::fmt::Debug for CardProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardProfile")
+            .field("start_date", &self.start_date)
+            .field("expiry_date", &self.expiry_date)
+            .field("balance_max_fen", &self.balance_max_fen)
+            .field("pin", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 /// `YYYYMMDD` as four BCD bytes; the error names the field.

@@ -9,13 +9,17 @@
 //! Keys have versions. A new version ("rotation") is added beside the old ones, so cards
 //! personalised under an old version keep working; new cards use the newest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use aes_kw::{KeyInit, KwAes256};
 use anyhow::Context as _;
-use card::crypto::{Mac4, PurseAlgorithm, PurseKey, load_mac1, load_mac2, load_tac, purchase_tac};
+use card::crypto::{
+    Mac4, PreparedMacKey, PreparedPurseKey, PurseAlgorithm, PurseKey, load_mac1, load_mac2,
+    load_tac, purchase_tac,
+};
 use card::purse::{Asn, TerminalId, TxDateTime, TxType};
 use ledger::Timestamp;
 use store::{Store, WrappedKey};
@@ -272,7 +276,15 @@ pub struct LoadTacInput {
 /// The software security module: master keys unwrapped in memory from the database.
 pub struct SoftwareSecurityModule {
     keys: BTreeMap<(KeyKind, u8), (PurseKey, KeyInfo)>,
+    /// TAC master keys with their key schedules ready, by version.
+    tac_masters: BTreeMap<u8, PreparedPurseKey>,
+    /// Each card's prepared TAC key, by (version, ASN): uploads of one card then cost one
+    /// MAC each instead of a key derivation. Cleared when it reaches [`TAC_KEY_CACHE_MAX`].
+    tac_keys: Mutex<HashMap<(u8, Asn), PreparedMacKey>>,
 }
+
+/// Cards whose prepared TAC keys the module keeps (about 200 bytes each).
+pub const TAC_KEY_CACHE_MAX: usize = 200_000;
 
 impl fmt::Debug for SoftwareSecurityModule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -335,7 +347,16 @@ impl SoftwareSecurityModule {
             };
             keys.insert((kind, version), (key, info));
         }
-        Ok(SoftwareSecurityModule { keys })
+        let tac_masters = keys
+            .iter()
+            .filter(|((kind, _), _)| *kind == KeyKind::Tac)
+            .map(|((_, version), (key, _))| (*version, key.prepare()))
+            .collect();
+        Ok(SoftwareSecurityModule {
+            keys,
+            tac_masters,
+            tac_keys: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The key ceremony: makes version 1 of every kind from system randomness and stores them
@@ -481,12 +502,21 @@ impl SecurityModule for SoftwareSecurityModule {
     }
 
     fn verify_purchase_tac(&self, version: u8, r: &PurchaseTacInput) -> anyhow::Result<bool> {
-        let tac_key = self
-            .key(KeyKind::Tac, version)?
-            .derive_card_key(&[], &r.asn)
-            .tac_key();
+        let mut cache = self.tac_keys.lock().expect("TAC key cache lock");
+        if !cache.contains_key(&(version, r.asn)) {
+            let master = self
+                .tac_masters
+                .get(&version)
+                .with_context(|| format!("no tac master key version {version}"))?;
+            if cache.len() >= TAC_KEY_CACHE_MAX {
+                cache.clear();
+            }
+            let key = master.derive_card_key(&[], &r.asn).tac_key().prepare();
+            cache.insert((version, r.asn), key);
+        }
+        let key = &cache[&(version, r.asn)];
         let tac = purchase_tac(
-            &tac_key,
+            key,
             r.amount_fen,
             TxType::EpPurchase,
             &r.terminal_id,

@@ -606,8 +606,7 @@ async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
                 let stream = reader::vpcd::connect(vpcd, Duration::from_secs(10))
                     .with_context(|| format!("connecting to the vpcd driver at {vpcd} (is pcscd running with vsmartcard-vpcd?)"))?;
                 println!("card in the virtual reader (vpcd {vpcd}); Ctrl-C takes it out");
-                let seed = u64::try_from(app::Clock::now(&SystemClock).0).unwrap_or(1);
-                let mut rng = card::random::SeededRandom::new(seed);
+                let mut rng = app::cards::OsRandom;
                 let answered =
                     reader::vpcd::serve(&mut soft, &mut rng, stream, &stop, |c| save_card(&path, c))
                         .with_context(|| format!("serving {}", path.display()))?;
