@@ -122,7 +122,8 @@ enum CardCommand {
         /// Last day of validity, YYYYMMDD (default: four years after the start).
         #[arg(long)]
         expiry: Option<String>,
-        #[arg(long, default_value = "123456")]
+        /// The cardholder's PIN, 4 to 12 digits (a secret: no default).
+        #[arg(long)]
         pin: String,
         /// Most the purse may hold, in fen.
         #[arg(long, default_value_t = 100_000)]
@@ -522,8 +523,10 @@ fn save_card(path: &std::path::Path, c: &card::soft_card::SoftCard) -> std::io::
 }
 
 fn read_card(path: &std::path::Path) -> anyhow::Result<card::soft_card::SoftCard> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading card file {}", path.display()))?;
+    // The file holds the card's keys: its bytes are wiped from memory when dropped.
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("reading card file {}", path.display()))?,
+    );
     card::soft_card::SoftCard::from_bytes(&bytes)
         .map_err(|e| anyhow::anyhow!("{} is not a valid card file: {e}", path.display()))
 }

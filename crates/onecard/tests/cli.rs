@@ -433,7 +433,9 @@ fn card_files_are_personalised_from_the_security_module() {
     let card = dir.path().join("alice.card");
     let card_arg = card.to_str().unwrap();
     let asn = "10000000000000000001";
-    let before = run(&["card", "create", "--file", card_arg, "--asn", asn]);
+    let before = run(&[
+        "card", "create", "--file", card_arg, "--asn", asn, "--pin", "2468",
+    ]);
     assert!(
         text(&before).contains("run `onecard keys ceremony`"),
         "{}",
@@ -442,7 +444,7 @@ fn card_files_are_personalised_from_the_security_module() {
     assert!(run(&["keys", "ceremony"]).status.success());
 
     let made = run(&[
-        "card", "create", "--file", card_arg, "--asn", asn, "--start", "20260901",
+        "card", "create", "--file", card_arg, "--asn", asn, "--start", "20260901", "--pin", "2468",
     ]);
     assert!(made.status.success(), "{}", text(&made));
     use std::os::unix::fs::PermissionsExt as _;
@@ -458,15 +460,22 @@ fn card_files_are_personalised_from_the_security_module() {
     assert!(balance.contains("maximum   1000.00 yuan"), "{balance}");
     assert!(text(&run(&["card", "history", "--file", card_arg])).contains("no transactions"));
 
-    // Bad input: an existing file, a malformed ASN or date, a damaged card file.
-    let again = run(&["card", "create", "--file", card_arg, "--asn", asn]);
+    // Bad input: no PIN, an existing file, a malformed ASN or date, a damaged card file.
+    let no_pin = run(&["card", "create", "--file", "x.card", "--asn", asn]);
+    assert!(text(&no_pin).contains("--pin"), "{}", text(&no_pin));
+    let again = run(&[
+        "card", "create", "--file", card_arg, "--asn", asn, "--pin", "2468",
+    ]);
     assert!(text(&again).contains("must not exist"), "{}", text(&again));
     let other = dir.path().join("bob.card");
     let other_arg = other.to_str().unwrap();
-    let bad_asn = run(&["card", "create", "--file", other_arg, "--asn", "12ab"]);
+    let bad_asn = run(&[
+        "card", "create", "--file", other_arg, "--asn", "12ab", "--pin", "2468",
+    ]);
     assert!(text(&bad_asn).contains("invalid ASN"), "{}", text(&bad_asn));
     let bad_date = run(&[
-        "card", "create", "--file", other_arg, "--asn", asn, "--expiry", "20261340",
+        "card", "create", "--file", other_arg, "--asn", asn, "--expiry", "20261340", "--pin",
+        "2468",
     ]);
     assert!(
         text(&bad_date).contains("not a calendar date"),
@@ -504,7 +513,9 @@ fn a_card_file_serves_the_vpcd_protocol_and_is_saved() {
             "--file",
             &card_arg,
             "--asn",
-            "10000000000000000005"
+            "10000000000000000005",
+            "--pin",
+            "2468",
         ])
         .status
         .success()
