@@ -24,6 +24,8 @@ pub struct CheckReport {
     pub mismatches: Vec<Mismatch>,
     /// Other broken rules, one sentence each, naming the account or transfer.
     pub problems: Vec<String>,
+    /// Accounts named by those problems.
+    pub problem_accounts: Vec<i64>,
 }
 
 impl CheckReport {
@@ -37,6 +39,7 @@ impl CheckReport {
     /// Accounts named by a mismatch or a problem, sorted, once each.
     pub fn bad_accounts(&self) -> Vec<i64> {
         let mut ids: Vec<i64> = self.mismatches.iter().map(|m| m.account_id).collect();
+        ids.extend_from_slice(&self.problem_accounts);
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -117,11 +120,23 @@ impl Dialect {
 }
 
 /// Totals: accounts, transfers, and the four sums as text (so no backend overflows an integer).
-pub(crate) fn totals_sql() -> &'static str {
-    "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM transfers), \
-     CAST(COALESCE(SUM(debits_posted), 0) AS TEXT), CAST(COALESCE(SUM(credits_posted), 0) AS TEXT), \
-     CAST(COALESCE(SUM(debits_pending), 0) AS TEXT), CAST(COALESCE(SUM(credits_pending), 0) AS TEXT) \
-     FROM accounts"
+pub(crate) fn totals_sql() -> String {
+    // Each sum in two halves (high and low 32 bits of every value), so that no backend's
+    // integer SUM can overflow however much money the accounts hold; joined in Rust.
+    let split = |col: &str| {
+        format!(
+            "CAST(COALESCE(SUM({col} >> 32), 0) AS TEXT) || ':' || \
+             CAST(COALESCE(SUM({col} & 4294967295), 0) AS TEXT)"
+        )
+    };
+    format!(
+        "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM transfers), {}, {}, {}, {} \
+         FROM accounts",
+        split("debits_posted"),
+        split("credits_posted"),
+        split("debits_pending"),
+        split("credits_pending")
+    )
 }
 
 /// Accounts whose stored sums differ from their postings and open holds. Columns: id, then
@@ -154,7 +169,7 @@ pub(crate) fn mismatches_sql(d: Dialect) -> String {
     )
 }
 
-/// Other broken rules, each row one sentence.
+/// Other broken rules: each row the account it concerns (or NULL) and one sentence.
 pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
     let hold_id = d.id_text("h.id");
     let t_id = d.id_text("t.id");
@@ -167,7 +182,7 @@ pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
         // History chains (see journal.rs): each account's head is its newest applied transfer,
         // and each applied transfer links to the previous one of each of its accounts.
         format!(
-            "SELECT 'account ' || a.id || ' history starts at seq ' || \
+            "SELECT a.id, 'account ' || a.id || ' history starts at seq ' || \
                     COALESCE(CAST(a.last_seq AS TEXT), 'none') || \
                     ' but its newest applied transfer is seq ' || \
                     COALESCE(CAST(m.newest AS TEXT), 'none') \
@@ -177,7 +192,7 @@ pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
              WHERE {head_differs} LIMIT {REPORT_ROWS_MAX}"
         ),
         format!(
-            "SELECT 'transfer at seq ' || w.seq || ' links the history of account ' || \
+            "SELECT w.account_id, 'transfer at seq ' || w.seq || ' links the history of account ' || \
                     w.account_id || ' to seq ' || COALESCE(CAST(w.prev AS TEXT), 'none') || \
                     ' instead of ' || COALESCE(CAST(w.expected AS TEXT), 'none') \
              FROM (SELECT seq, account_id, prev, \
@@ -186,12 +201,13 @@ pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
              WHERE {link_differs} LIMIT {REPORT_ROWS_MAX}"
         ),
         format!(
-            "SELECT 'account ' || id || ' must not overdraw but its debits exceed its credits' \
+            "SELECT id, 'account ' || id || ' must not overdraw but its debits exceed its credits' \
              FROM accounts WHERE kind IN (1, 2, 3, 6, 7) \
              AND debits_posted + debits_pending > credits_posted LIMIT {REPORT_ROWS_MAX}"
         ),
         format!(
-            "SELECT 'transfer ' || {t_id} || ' posts to account ' || \
+            "SELECT CASE WHEN d.id IS NULL THEN t.debit_account_id ELSE t.credit_account_id END, \
+                    'transfer ' || {t_id} || ' posts to account ' || \
                     CASE WHEN d.id IS NULL THEN t.debit_account_id ELSE t.credit_account_id END \
                     || ', which does not exist' \
              FROM transfers t LEFT JOIN accounts d ON d.id = t.debit_account_id \
@@ -199,19 +215,19 @@ pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
              WHERE t.result = 0 AND (d.id IS NULL OR c.id IS NULL) LIMIT {REPORT_ROWS_MAX}"
         ),
         format!(
-            "SELECT 'hold ' || {hold_id} || ' does not match an applied pending transfer' \
+            "SELECT CAST(NULL AS BIGINT), 'hold ' || {hold_id} || ' does not match an applied pending transfer' \
              FROM holds h LEFT JOIN transfers t ON t.id = h.id \
              WHERE t.id IS NULL OR t.result <> 0 OR t.kind <> 1 OR t.amount <> h.amount \
                 OR t.debit_account_id <> h.debit_account_id \
                 OR t.credit_account_id <> h.credit_account_id LIMIT {REPORT_ROWS_MAX}"
         ),
         format!(
-            "SELECT 'pending transfer ' || {t_id} || ' has no hold' \
+            "SELECT CAST(NULL AS BIGINT), 'pending transfer ' || {t_id} || ' has no hold' \
              FROM transfers t LEFT JOIN holds h ON h.id = t.id \
              WHERE t.result = 0 AND t.kind = 1 AND h.id IS NULL LIMIT {REPORT_ROWS_MAX}"
         ),
         format!(
-            "SELECT 'hold ' || {hold_id} || ' is in state ' || h.state || ' but has ' || \
+            "SELECT CAST(NULL AS BIGINT), 'hold ' || {hold_id} || ' is in state ' || h.state || ' but has ' || \
                     COALESCE(r.posts, 0) || ' posts and ' || COALESCE(r.voids, 0) || ' voids' \
              FROM holds h LEFT JOIN ( \
                SELECT pending_id, SUM(CASE WHEN kind = 2 THEN 1 ELSE 0 END) AS posts, \
@@ -228,6 +244,9 @@ pub(crate) fn problems_sql(d: Dialect) -> Vec<String> {
 }
 
 pub(crate) fn parse_total(text: &str) -> anyhow::Result<i128> {
-    text.parse()
-        .map_err(|_| anyhow::anyhow!("db-check: total {text:?} is not an integer"))
+    let bad = || anyhow::anyhow!("db-check: total {text:?} is not HIGH:LOW");
+    let (high, low) = text.split_once(':').ok_or_else(bad)?;
+    let high: i128 = high.trim().parse().map_err(|_| bad())?;
+    let low: i128 = low.trim().parse().map_err(|_| bad())?;
+    Ok((high << 32) + low)
 }

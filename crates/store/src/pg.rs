@@ -513,7 +513,7 @@ impl PgStore {
             .await
             .map_err(db_err)?;
         let t = tx
-            .query_one(check::totals_sql(), &[])
+            .query_one(&check::totals_sql(), &[])
             .await
             .map_err(db_err)?;
         let mut report = CheckReport {
@@ -553,7 +553,8 @@ impl PgStore {
         }
         for sql in check::problems_sql(Dialect::Postgres) {
             for r in tx.query(&sql, &[]).await.map_err(db_err)? {
-                report.problems.push(r.get(0));
+                report.problem_accounts.extend(r.get::<_, Option<i64>>(0));
+                report.problems.push(r.get(1));
             }
         }
         tx.commit().await.map_err(db_err)?;

@@ -504,7 +504,7 @@ impl SqliteStore {
             // One read transaction: every query sees the same snapshot.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
             let mut report = tx
-                .query_row(check::totals_sql(), [], |r| {
+                .query_row(&check::totals_sql(), [], |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -552,9 +552,13 @@ impl SqliteStore {
             }
             for sql in check::problems_sql(Dialect::Sqlite) {
                 let mut stmt = tx.prepare(&sql)?;
-                let found = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                let found = stmt.query_map([], |r| {
+                    Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, String>(1)?))
+                })?;
                 for p in found {
-                    report.problems.push(p?);
+                    let (account, problem) = p?;
+                    report.problem_accounts.extend(account);
+                    report.problems.push(problem);
                 }
             }
             Ok(report)

@@ -381,6 +381,7 @@ conformance! {
         let report = s.check().await.unwrap();
         let expected = format!("account {} history starts at seq none", c.alice.get());
         assert!(report.problems.iter().any(|p| p.starts_with(&expected)), "{report}");
+        assert!(report.bad_accounts().contains(&c.alice.get()), "{:?}", report.bad_accounts());
     }
 }
 
@@ -434,6 +435,26 @@ conformance! {
         // The schema refuses a key that is not wrapped (24 bytes).
         assert!(db.raw("INSERT INTO master_keys VALUES (4, 1, 0, '\\x00', '\\x00000000', 0)").await.is_err());
         assert_eq!(s.master_keys().await.unwrap().len(), 2);
+    }
+}
+
+conformance! {
+    async fn db_check_totals_do_not_overflow(db) {
+        // Three merchants each owed half of i64::MAX fen: the sum of all credits passes
+        // i64::MAX, which an integer SUM in the database would overflow.
+        let s = &db.store;
+        let half = i64::MAX / 2;
+        let mut transfers = Vec::new();
+        for i in 0..3u128 {
+            let bank = s.create_account(AccountKind::BankClearing, None, NOW).await.unwrap().account.id;
+            let shop = s.create_account(AccountKind::MerchantPayable, None, NOW).await.unwrap().account.id;
+            transfers.push(t(10 + i, bank, shop, half));
+        }
+        assert_eq!(s.submit(transfers, NOW).await.unwrap(), vec![Ok(NOW); 3]);
+        let report = s.check().await.unwrap();
+        assert!(report.is_ok(), "{report}");
+        assert_eq!(report.credits_posted_total, 3 * i128::from(half));
+        assert_eq!(report.debits_posted_total, 3 * i128::from(half));
     }
 }
 
