@@ -17,6 +17,7 @@ mod check;
 mod journal;
 mod migrate;
 mod pg;
+pub mod sql;
 mod sqlite;
 mod url;
 
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 pub use check::{CheckReport, Mismatch};
 pub use migrate::Migration;
+pub use sql::{Row, Tx, TxFuture, Value};
 pub use url::{DatabaseUrl, UrlError};
 
 use ledger::{
@@ -88,6 +90,22 @@ fn check_name(name: Option<&str>) -> Result<(), StoreError> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `e` (or what caused it) is a unique-constraint violation on either backend.
+pub fn is_unique_violation(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(e) = c.downcast_ref::<rusqlite::Error>() {
+            return matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::ConstraintViolation)
+            ) && e.to_string().contains("UNIQUE");
+        }
+        if let Some(e) = c.downcast_ref::<tokio_postgres::Error>() {
+            return e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION);
+        }
+        false
+    })
 }
 
 /// Errors of the store. Rejections of transfers are not errors: they are answers.
@@ -173,6 +191,40 @@ impl Store {
                 pg::PgStore::open(url, &options).await?,
             ))),
         }
+    }
+
+    /// Runs `work` in one write transaction: domain rows, transfers ([`Tx::submit`]) and
+    /// audit entries commit together or not at all. `work` returning `Err` rolls back.
+    ///
+    /// ```ignore
+    /// store.transaction(move |tx| Box::pin(async move {
+    ///     tx.execute("UPDATE cards SET status = $1 WHERE id = $2", params![1, id]).await?;
+    ///     Ok::<_, anyhow::Error>(())
+    /// })).await?;
+    /// ```
+    pub async fn transaction<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<anyhow::Error> + Send + 'static,
+        F: for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> TxFuture<'t, Result<T, E>> + Send + 'static,
+    {
+        match self {
+            Store::Sqlite(s) => s.transaction(work).await,
+            Store::Postgres(s) => s.transaction(work).await,
+        }
+    }
+
+    /// Runs a read-only statement (in the `$1` dialect of [`sql`]) outside any transaction.
+    pub async fn query(&self, sql: &str, params: &[Value]) -> anyhow::Result<Vec<Row>> {
+        match self {
+            Store::Sqlite(s) => s.query(sql, params).await,
+            Store::Postgres(s) => s.query(sql, params).await,
+        }
+    }
+
+    /// [`Store::query`]'s first row, if any.
+    pub async fn query_opt(&self, sql: &str, params: &[Value]) -> anyhow::Result<Option<Row>> {
+        Ok(self.query(sql, params).await?.into_iter().next())
     }
 
     pub fn backend_name(&self) -> &'static str {

@@ -37,6 +37,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "master_keys",
         sql: include_str!("../migrations/sqlite/0002_master_keys.sql"),
     },
+    Source {
+        version: 3,
+        name: "cards",
+        sql: include_str!("../migrations/sqlite/0003_cards.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -49,6 +54,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 2,
         name: "master_keys",
         sql: include_str!("../migrations/postgres/0002_master_keys.sql"),
+    },
+    Source {
+        version: 3,
+        name: "cards",
+        sql: include_str!("../migrations/postgres/0003_cards.sql"),
     },
 ];
 

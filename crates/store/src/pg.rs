@@ -28,6 +28,7 @@ use uuid::Uuid;
 use crate::check::{self, CheckReport, Dialect, Mismatch};
 use crate::journal::{self, Heads, Link};
 use crate::migrate::{self, Migration};
+use crate::sql::{Row as SqlRow, Tx, TxFuture, Value as SqlValue};
 use crate::sqlite::result_code;
 use crate::{
     AccountRow, DatabaseUrl, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError,
@@ -140,6 +141,53 @@ impl PgStore {
             out.push((name.to_owned(), row.get::<_, String>(0)));
         }
         Ok(out)
+    }
+
+    /// Runs `work` in one transaction on a pooled connection; see [`Tx`].
+    pub async fn transaction<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<anyhow::Error> + Send + 'static,
+        F: for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> TxFuture<'t, Result<T, E>> + Send + 'static,
+    {
+        let mut client = self.client().await.map_err(E::from)?;
+        let pg = client
+            .transaction()
+            .await
+            .map_err(|e| E::from(pg_err(e, "BEGIN")))?;
+        let result = {
+            let mut tx = Tx::Postgres(PgTx {
+                tx: &pg,
+                ledger: Ledger::new(),
+            });
+            work(&mut tx).await
+        };
+        match result {
+            Ok(v) => {
+                pg.commit()
+                    .await
+                    .map_err(|e| E::from(pg_err(e, "COMMIT")))?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = pg.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs a read-only statement outside any write transaction.
+    pub async fn query(&self, sql: &str, params: &[SqlValue]) -> anyhow::Result<Vec<SqlRow>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err(e, sql))?;
+        let rows = client
+            .query(&stmt, &pg_params(params))
+            .await
+            .map_err(|e| pg_err(e, sql))?;
+        pg_rows(rows)
     }
 
     pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
@@ -667,10 +715,23 @@ async fn commit_group(
 ) -> Result<Vec<Vec<Outcome>>, GroupError> {
     let mut client = pool.get().await.context("taking a PostgreSQL connection")?;
     let tx = client.transaction().await?;
+    let requests: Vec<(&[Transfer], Timestamp)> =
+        group.iter().map(|r| (&r.transfers[..], r.now)).collect();
+    let outcomes = apply_in_tx(&tx, ledger, &requests).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Applies requests (transfers and their time) inside the open transaction `tx`.
+async fn apply_in_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ledger: &mut Ledger,
+    requests: &[(&[Transfer], Timestamp)],
+) -> Result<Vec<Vec<Outcome>>, GroupError> {
     let mut account_ids = FxHashSet::default();
     let mut ids = FxHashSet::default();
     let mut pending_ids = FxHashSet::default();
-    for t in group.iter().flat_map(|r| &r.transfers) {
+    for t in requests.iter().flat_map(|(t, _)| t.iter()) {
         account_ids.insert(t.debit.get());
         account_ids.insert(t.credit.get());
         ids.insert(t.id.to_uuid());
@@ -707,9 +768,9 @@ async fn commit_group(
     for row in &holds {
         ledger.load_hold(hold_row(row)?);
     }
-    let outcomes: Vec<Vec<Outcome>> = group
+    let outcomes: Vec<Vec<Outcome>> = requests
         .iter()
-        .map(|r| ledger.apply_batch(&r.transfers, r.now))
+        .map(|(transfers, now)| ledger.apply_batch(transfers, *now))
         .collect();
     let changes = ledger.take_changes();
     // Taken under the account locks, so per account seq grows in the order transfers applied.
@@ -724,9 +785,145 @@ async fn commit_group(
         .collect();
     seqs.sort_unstable();
     let links = journal::link(&changes.records, seqs, &mut heads);
-    write_changes(&tx, changes, &links, &heads).await?;
-    tx.commit().await?;
+    write_changes(tx, changes, &links, &heads).await?;
     Ok(outcomes)
+}
+
+/// The PostgreSQL side of a [`Tx`]: a pooled connection inside `BEGIN`.
+impl std::fmt::Debug for PgTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgTx")
+    }
+}
+
+pub struct PgTx<'c> {
+    tx: &'c deadpool_postgres::Transaction<'c>,
+    ledger: Ledger,
+}
+
+impl ToSql for SqlValue {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut tokio_postgres::types::private::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use tokio_postgres::types::{IsNull, Type};
+        match self {
+            SqlValue::Null => Ok(IsNull::Yes),
+            SqlValue::Int(v) => match *ty {
+                Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+                Type::BOOL => (*v != 0).to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            SqlValue::Text(v) => v.as_str().to_sql(ty, out),
+            SqlValue::Blob(v) => v.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// Keeps the driver's error (for [`crate::is_unique_violation`]) under the server's words.
+fn pg_err(e: tokio_postgres::Error, sql: &str) -> anyhow::Error {
+    let message = match e.as_db_error() {
+        Some(db) => format!(
+            "PostgreSQL: {}{}",
+            db.message(),
+            db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
+        None => format!("PostgreSQL: {e}"),
+    };
+    anyhow::Error::new(e).context(format!("{message} [in: {sql}]"))
+}
+
+fn pg_rows(rows: Vec<Row>) -> anyhow::Result<Vec<SqlRow>> {
+    use tokio_postgres::types::Type;
+    rows.iter()
+        .map(|row| {
+            let mut values = Vec::with_capacity(row.len());
+            for (i, column) in row.columns().iter().enumerate() {
+                let ty = column.type_();
+                let v = match *ty {
+                    Type::INT2 => row
+                        .try_get::<_, Option<i16>>(i)?
+                        .map(|v| SqlValue::Int(v.into())),
+                    Type::INT4 => row
+                        .try_get::<_, Option<i32>>(i)?
+                        .map(|v| SqlValue::Int(v.into())),
+                    Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(SqlValue::Int),
+                    Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(SqlValue::from),
+                    Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR => {
+                        row.try_get::<_, Option<String>>(i)?.map(SqlValue::Text)
+                    }
+                    Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(SqlValue::Blob),
+                    Type::UUID => row
+                        .try_get::<_, Option<Uuid>>(i)?
+                        .map(|u| SqlValue::Blob(u.as_bytes().to_vec())),
+                    _ => anyhow::bail!(
+                        "column {} has type {ty}, which onecard's domain tables do not use",
+                        column.name()
+                    ),
+                };
+                values.push(v.unwrap_or(SqlValue::Null));
+            }
+            Ok(SqlRow(values))
+        })
+        .collect()
+}
+
+fn pg_params(params: &[SqlValue]) -> Vec<&Param> {
+    params.iter().map(|p| p as &Param).collect()
+}
+
+impl PgTx<'_> {
+    pub(crate) async fn query(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> anyhow::Result<Vec<SqlRow>> {
+        let stmt = self
+            .tx
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err(e, sql))?;
+        let rows = self
+            .tx
+            .query(&stmt, &pg_params(params))
+            .await
+            .map_err(|e| pg_err(e, sql))?;
+        pg_rows(rows)
+    }
+
+    pub(crate) async fn execute(&mut self, sql: &str, params: &[SqlValue]) -> anyhow::Result<u64> {
+        let stmt = self
+            .tx
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err(e, sql))?;
+        self.tx
+            .execute(&stmt, &pg_params(params))
+            .await
+            .map_err(|e| pg_err(e, sql))
+    }
+
+    pub(crate) async fn submit(
+        &mut self,
+        transfers: &[Transfer],
+        now: Timestamp,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        match apply_in_tx(self.tx, &mut self.ledger, &[(transfers, now)]).await {
+            Ok(mut all) => Ok(all.pop().unwrap_or_default()),
+            Err(GroupError::IdRace) => Err(anyhow::anyhow!(
+                "another request stored one of these transfer ids at the same moment; retry"
+            )),
+            Err(GroupError::Other(e)) => Err(e),
+        }
+    }
 }
 
 /// Writes a group's changes. `links` has one entry per record; `heads` the new chain heads

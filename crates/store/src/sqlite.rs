@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::check::{self, CheckReport, Dialect, Mismatch};
 use crate::journal::{self, Heads, Link};
 use crate::migrate::{self, Migration};
+use crate::sql::{Row as SqlRow, Tx, TxFuture, Value as SqlValue, run_now, sqlite_placeholders};
 use crate::{
     AccountRow, EXPIRE_BATCH_MAX, JournalEntry, SUBMIT_QUEUE_DEPTH_MAX, StoreError, StoreOptions,
     TRANSFERS_PER_COMMIT_MAX, WrappedKey,
@@ -199,6 +200,49 @@ impl SqliteStore {
             Ok(out)
         })
         .await?
+    }
+
+    /// Runs `work` in one write transaction on the writer thread; see [`Tx`].
+    pub async fn transaction<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<anyhow::Error> + Send + 'static,
+        F: for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> TxFuture<'t, Result<T, E>> + Send + 'static,
+    {
+        self.write(move |conn| {
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .context("starting a write transaction")?;
+            let mut ledger = Ledger::new();
+            let result = {
+                let mut tx = Tx::Sqlite(SqliteTx {
+                    conn: &mut *conn,
+                    ledger: &mut ledger,
+                });
+                run_now(work(&mut tx))
+            };
+            let finish = match &result {
+                Some(Ok(_)) => conn.execute_batch("COMMIT").context("committing"),
+                _ => Ok(()),
+            };
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            finish?;
+            result.ok_or_else(|| {
+                E::from(anyhow::anyhow!(
+                    "a SQLite transaction waited for something other than the database;                      it was rolled back"
+                ))
+            })?
+        })
+        .await
+        .map_err(E::from)?
+    }
+
+    /// Runs a read-only statement outside any write transaction.
+    pub async fn query(&self, sql: &str, params: &[SqlValue]) -> anyhow::Result<Vec<SqlRow>> {
+        let sql = sql.to_owned();
+        let params = params.to_vec();
+        self.read(move |conn| sql_rows(conn, &sql, &params)).await
     }
 
     pub async fn migrate(&self) -> anyhow::Result<Vec<Migration>> {
@@ -567,6 +611,82 @@ impl SqliteStore {
     }
 }
 
+/// The SQLite side of a [`Tx`]: the writer's connection inside `BEGIN IMMEDIATE`.
+impl std::fmt::Debug for SqliteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteTx")
+    }
+}
+
+pub struct SqliteTx<'c> {
+    conn: &'c mut Connection,
+    ledger: &'c mut Ledger,
+}
+
+impl rusqlite::ToSql for SqlValue {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            SqlValue::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            SqlValue::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
+            SqlValue::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
+            SqlValue::Blob(v) => ToSqlOutput::Borrowed(ValueRef::Blob(v)),
+        })
+    }
+}
+
+fn sql_rows(conn: &Connection, sql: &str, params: &[SqlValue]) -> anyhow::Result<Vec<SqlRow>> {
+    let sql = sqlite_placeholders(sql);
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .with_context(|| format!("preparing {sql}"))?;
+    let columns = stmt.column_count();
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let mut values = Vec::with_capacity(columns);
+        for i in 0..columns {
+            values.push(match row.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => SqlValue::Null,
+                rusqlite::types::ValueRef::Integer(v) => SqlValue::Int(v),
+                rusqlite::types::ValueRef::Real(v) => {
+                    anyhow::bail!("column {i} of {sql} is a float ({v}); onecard stores none")
+                }
+                rusqlite::types::ValueRef::Text(v) => {
+                    SqlValue::Text(String::from_utf8(v.to_vec()).context("text column")?)
+                }
+                rusqlite::types::ValueRef::Blob(v) => SqlValue::Blob(v.to_vec()),
+            });
+        }
+        out.push(SqlRow(values));
+    }
+    Ok(out)
+}
+
+impl SqliteTx<'_> {
+    pub(crate) fn query(&mut self, sql: &str, params: &[SqlValue]) -> anyhow::Result<Vec<SqlRow>> {
+        sql_rows(self.conn, sql, params)
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, params: &[SqlValue]) -> anyhow::Result<u64> {
+        let sql = sqlite_placeholders(sql);
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .with_context(|| format!("preparing {sql}"))?;
+        Ok(stmt.execute(rusqlite::params_from_iter(params))? as u64)
+    }
+
+    pub(crate) fn submit(
+        &mut self,
+        transfers: &[Transfer],
+        now: Timestamp,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        let mut all = apply_in_tx(self.conn, self.ledger, &[(transfers, now)])?;
+        Ok(all.pop().unwrap_or_default())
+    }
+}
+
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, commits: &AtomicU64) {
     let mut next: Option<Command> = None;
     // Reused for every group: clearing keeps its memory, allocating would page-fault.
@@ -629,33 +749,45 @@ fn commit_group(
     group: &[SubmitRequest],
 ) -> anyhow::Result<Vec<Vec<Outcome>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let requests: Vec<(&[Transfer], Timestamp)> =
+        group.iter().map(|r| (&r.transfers[..], r.now)).collect();
+    let outcomes = apply_in_tx(&tx, ledger, &requests)?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// Applies requests (transfers and their time) inside the open write transaction of `conn`.
+fn apply_in_tx(
+    conn: &Connection,
+    ledger: &mut Ledger,
+    requests: &[(&[Transfer], Timestamp)],
+) -> anyhow::Result<Vec<Vec<Outcome>>> {
     ledger.clear();
     let mut heads = Heads::default();
     prefetch(
-        &tx,
+        conn,
         ledger,
         &mut heads,
-        group.iter().flat_map(|r| &r.transfers),
+        requests.iter().flat_map(|(t, _)| t.iter()),
     )?;
-    let outcomes: Vec<Vec<Outcome>> = group
+    let outcomes: Vec<Vec<Outcome>> = requests
         .iter()
-        .map(|r| ledger.apply_batch(&r.transfers, r.now))
+        .map(|(transfers, now)| ledger.apply_batch(transfers, *now))
         .collect();
     let changes = ledger.take_changes();
     // The writer holds the write lock: nobody else appends to the journal meanwhile.
-    let last: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM transfers", [], |r| {
+    let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM transfers", [], |r| {
         r.get(0)
     })?;
     let links = journal::link(&changes.records, last + 1.., &mut heads);
-    write_changes(&tx, changes, &links, &heads)?;
-    tx.commit()?;
+    write_changes(conn, changes, &links, &heads)?;
     Ok(outcomes)
 }
 
 /// Loads into `ledger` every account, stored transfer and hold the transfers name: three
 /// queries, each given all its keys at once (`rarray`), instead of one query per key.
 fn prefetch<'a>(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     ledger: &mut Ledger,
     heads: &mut Heads,
     transfers: impl Iterator<Item = &'a Transfer>,
@@ -702,7 +834,7 @@ fn prefetch<'a>(
 /// Writes a group's changes. `links` has one entry per record; `heads` the new chain heads
 /// (an account missing from it keeps its `last_seq`).
 fn write_changes(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     changes: ledger::Changes,
     links: &[Link],
     heads: &Heads,

@@ -404,7 +404,7 @@ conformance! {
     async fn migrations_are_recorded_and_idempotent(db) {
         let s = &db.store;
         let applied = s.applied_migrations().await.unwrap();
-        assert_eq!(applied.iter().map(|m| m.version).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(applied.iter().map(|m| m.version).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert!(s.migrate().await.unwrap().is_empty(), "nothing left to apply");
         let again = db.second_store().await;
         assert_eq!(again.applied_migrations().await.unwrap(), applied);
@@ -539,5 +539,89 @@ conformance! {
         }
         let report = s.check().await.unwrap();
         assert!(report.transfers > 100, "the workload stored {} transfers", report.transfers);
+    }
+}
+
+conformance! {
+    async fn a_transaction_commits_rows_and_transfers_together_or_not_at_all(db) {
+        let s = &db.store;
+        let c = campus(s).await;
+        let (alice, canteen) = (c.alice, c.canteen);
+        // Committed: a domain row and a transfer.
+        let outcomes = s
+            .transaction(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "INSERT INTO card_stock (asn, state, batch, updated_at) VALUES ($1, $2, $3, $4)",
+                        store::params!["10000000000000000001", 0i64, "b1", NOW.0],
+                    )
+                    .await?;
+                    let o = tx.submit(&[t(50, alice, canteen, 1_000)], NOW).await?;
+                    Ok::<_, anyhow::Error>(o)
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![Ok(NOW)]);
+        assert_eq!(balance(s, c.alice).await, 9_000);
+        let rows = s
+            .query("SELECT asn, state, batch FROM card_stock WHERE asn = $1", store::params!["10000000000000000001"])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].text(2).unwrap(), "b1");
+
+        // Rolled back: an error after a row and a transfer leaves neither.
+        let err = s
+            .transaction(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "INSERT INTO card_stock (asn, state, batch, updated_at) VALUES ($1, $2, $3, $4)",
+                        store::params!["10000000000000000002", 0i64, "b2", NOW.0],
+                    )
+                    .await?;
+                    tx.submit(&[t(51, alice, canteen, 2_000)], NOW).await?;
+                    // Reads inside the transaction see its own writes.
+                    let seen = tx
+                        .query_one("SELECT count(*) FROM card_stock", &[])
+                        .await?
+                        .int(0)?;
+                    anyhow::ensure!(seen == 2, "saw {seen}");
+                    Err::<(), _>(anyhow::anyhow!("changed my mind"))
+                })
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "changed my mind");
+        assert_eq!(balance(s, c.alice).await, 9_000);
+        assert!(s.transfer(tid(51)).await.unwrap().is_none());
+        let n = s.query_opt("SELECT count(*) FROM card_stock", &[]).await.unwrap().unwrap();
+        assert_eq!(n.int(0).unwrap(), 1);
+
+        // A constraint violation is reported as such and rolls back.
+        let dup = s
+            .transaction(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "INSERT INTO card_stock (asn, state, batch, updated_at) VALUES ($1, $2, $3, $4)",
+                        store::params!["10000000000000000001", 0i64, "again", NOW.0],
+                    )
+                    .await?;
+                    Ok::<_, anyhow::Error>(())
+                })
+            })
+            .await
+            .unwrap_err();
+        assert!(store::is_unique_violation(&dup), "{dup:#}");
+        // The same transfer id replayed inside a transaction gets the stored answer.
+        let again = s
+            .transaction(move |tx| {
+                Box::pin(async move { tx.submit(&[t(50, alice, canteen, 1_000)], NOW).await })
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, vec![Ok(NOW)]);
+        assert_eq!(balance(s, c.alice).await, 9_000);
+        assert_consistent(s).await;
     }
 }
