@@ -3,9 +3,15 @@
 //!
 //! This crate owns the clock: the ledger and the store are given the time, never read it.
 
+pub mod access;
+pub mod audit;
 pub mod cards;
 pub mod demo;
+pub mod error;
 pub mod security;
+
+pub use access::{Actor, Permission, Role};
+pub use error::{AppError, AppResult};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
