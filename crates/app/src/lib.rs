@@ -5,10 +5,14 @@
 
 pub mod access;
 pub mod audit;
+pub mod cardholders;
 pub mod cards;
 pub mod demo;
 pub mod error;
+pub mod online;
+pub mod personalise;
 pub mod security;
+pub mod stock;
 
 pub use access::{Actor, Permission, Role};
 pub use error::{AppError, AppResult};
@@ -57,16 +61,88 @@ impl Clock for ManualClock {
     }
 }
 
-/// The application: the store and the clock, shared by every adapter. Cheap to clone.
+/// Business codes of the transfers the use cases make (the `code` of a transfer).
+pub mod code {
+    pub const BANK_TOP_UP: u16 = 1;
+    pub const CASH_TOP_UP: u16 = 2;
+    pub const DEPOSIT: u16 = 3;
+    pub const LOAD: u16 = 4;
+    pub const PURCHASE: u16 = 5;
+    pub const FEE: u16 = 6;
+    /// Cash paid back to a cardholder from the online account.
+    pub const REFUND: u16 = 7;
+    /// A third party charged the online account through the API.
+    pub const ONLINE_PAYMENT: u16 = 8;
+    /// A card's deposit paid back.
+    pub const DEPOSIT_REFUND: u16 = 9;
+    /// A replaced or cancelled card's purse shadow moved to the online account.
+    pub const PURSE_CARRY: u16 = 10;
+    /// The fee for a replacement card.
+    pub const CARD_FEE: u16 = 11;
+}
+
+/// Names of the system accounts the use cases create on first use.
+pub mod system_account {
+    pub const CASH_DESK: &str = "cash:card-desk";
+    pub const CARD_DEPOSITS: &str = "card-deposits";
+    pub const FEE_INCOME: &str = "fee-income";
+}
+
+/// What the card desk applies unless told otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardPolicy {
+    /// Deposit taken when a card is issued.
+    pub deposit_fen: i64,
+    /// How long a new card is valid, in days.
+    pub valid_days: u32,
+    /// Fee for a replacement card.
+    pub replacement_fee_fen: i64,
+    /// How long a replaced or cancelled card's purse balance waits for the card's last
+    /// offline records before it moves to the online account.
+    pub purse_wait_ms: i64,
+}
+
+impl Default for CardPolicy {
+    fn default() -> CardPolicy {
+        CardPolicy {
+            deposit_fen: 2_000,
+            valid_days: 4 * 365,
+            replacement_fee_fen: 1_500,
+            purse_wait_ms: 7 * 24 * 3_600 * 1_000,
+        }
+    }
+}
+
+/// The application: the store, the clock and the card policy, shared by every adapter.
+/// Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct App {
     store: Store,
     clock: Arc<dyn Clock>,
+    policy: Arc<CardPolicy>,
 }
 
 impl App {
     pub fn new(store: Store, clock: Arc<dyn Clock>) -> App {
-        App { store, clock }
+        App {
+            store,
+            clock,
+            policy: Arc::new(CardPolicy::default()),
+        }
+    }
+
+    pub fn with_policy(mut self, policy: CardPolicy) -> App {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    pub fn policy(&self) -> &CardPolicy {
+        &self.policy
+    }
+
+    /// A fresh, time-ordered transfer id (UUIDv7 layout: milliseconds, then randomness).
+    pub fn new_transfer_id(&self) -> TransferId {
+        new_transfer_id(self.now())
     }
 
     pub fn store(&self) -> &Store {
@@ -127,4 +203,121 @@ impl App {
     pub async fn check(&self) -> anyhow::Result<CheckReport> {
         self.store.check().await
     }
+}
+
+/// A time-ordered transfer id for `now` (UUIDv7 layout).
+pub fn new_transfer_id(now: Timestamp) -> TransferId {
+    let mut random = [0u8; 10];
+    getrandom::fill(&mut random).expect("the operating system's random generator");
+    let ms = u128::from(now.0.max(0) as u64 & 0xffff_ffff_ffff);
+    let mut rest = 0u128;
+    for b in random {
+        rest = (rest << 8) | u128::from(b);
+    }
+    // 48 bits of time, version 7, 12 + 62 random bits, variant 10.
+    let rand_a = (rest >> 68) & 0xfff;
+    let rand_b = rest & ((1 << 62) - 1);
+    let v = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b;
+    TransferId::new(v).expect("the version bits make it non-zero")
+}
+
+/// Opens a ledger account inside a transaction.
+pub(crate) async fn open_account(
+    tx: &mut store::Tx<'_>,
+    kind: AccountKind,
+    now: Timestamp,
+) -> anyhow::Result<AccountId> {
+    let row = tx
+        .query_one(
+            "INSERT INTO accounts (kind, created_at) VALUES ($1, $2) RETURNING id",
+            store::params![i64::from(kind.code()), now.0],
+        )
+        .await?;
+    AccountId::new(row.int(0)?)
+        .ok_or_else(|| anyhow::anyhow!("account id {} is invalid", row.int(0).unwrap_or(0)))
+}
+
+/// The system account named `name`, created on first use.
+pub(crate) async fn named_account(
+    tx: &mut store::Tx<'_>,
+    kind: AccountKind,
+    name: &str,
+    now: Timestamp,
+) -> anyhow::Result<AccountId> {
+    let row = match tx
+        .query_opt(
+            "SELECT id, kind FROM accounts WHERE name = $1",
+            store::params![name],
+        )
+        .await?
+    {
+        Some(row) => {
+            anyhow::ensure!(
+                row.int(1)? == i64::from(kind.code()),
+                "the account named {name:?} is not of kind {kind:?}"
+            );
+            row
+        }
+        None => {
+            tx.query_one(
+                "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) RETURNING id",
+                store::params![i64::from(kind.code()), name, now.0],
+            )
+            .await?
+        }
+    };
+    AccountId::new(row.int(0)?).ok_or_else(|| anyhow::anyhow!("account {name:?} has an invalid id"))
+}
+
+/// A single transfer for a use case.
+pub(crate) fn single(
+    id: TransferId,
+    debit: AccountId,
+    credit: AccountId,
+    amount_fen: i64,
+    code: u16,
+) -> Transfer {
+    Transfer {
+        id,
+        debit,
+        credit,
+        amount: ledger::Fen::new(amount_fen),
+        kind: ledger::TransferKind::Single,
+        linked: false,
+        code,
+    }
+}
+
+/// Applies transfers inside `tx`; any rejection becomes a `Conflict` named after it, and the
+/// caller's transaction rolls back.
+pub(crate) async fn post_all(
+    tx: &mut store::Tx<'_>,
+    transfers: &[Transfer],
+    now: Timestamp,
+) -> AppResult<()> {
+    for chunk in transfers.chunks(store::TRANSFERS_PER_REQUEST_MAX) {
+        let outcomes = tx.submit(chunk, now).await?;
+        if let Some((t, r)) = chunk
+            .iter()
+            .zip(&outcomes)
+            .find_map(|(t, o)| o.err().map(|r| (t, r)))
+        {
+            return Err(AppError::conflict(
+                r.name(),
+                format!(
+                    "transfer of {} from account {} to {} was refused: {r}",
+                    t.amount, t.debit, t.credit
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Serialises an account id as its number.
+pub(crate) fn serialize_account<S: serde::Serializer>(
+    id: &AccountId,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_i64(id.get())
 }

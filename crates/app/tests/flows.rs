@@ -5,7 +5,7 @@
 #[path = "../../card/tests/common/mod.rs"]
 mod common;
 
-use app::cards::{CardProfile, KEY_INDEX, personalise_soft_card};
+use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card};
 use app::security::{
     Kek, KeyKind, LoadAuthorisation, LoadTacInput, PurchaseTacInput, SecurityModule,
     SoftwareSecurityModule,

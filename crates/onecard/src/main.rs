@@ -557,14 +557,14 @@ async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
             let kek = load_kek(config)?;
             let store = open(config, false).await?;
             let module = app::security::SoftwareSecurityModule::open(&store, &kek).await?;
-            let profile = app::cards::CardProfile {
+            let profile = app::personalise::CardProfile {
                 issuer_id: *b"ONECARD1",
                 start_date: start,
                 expiry_date: expiry,
                 balance_max_fen,
                 pin,
             };
-            let soft = app::cards::personalise_soft_card(&module, asn, &profile)?;
+            let soft = app::personalise::personalise_soft_card(&module, asn, &profile)?;
             // Like a real card's memory, the file holds the card's keys: owner-only.
             let mut out = std::fs::OpenOptions::new()
                 .write(true)
@@ -609,7 +609,7 @@ async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
                 let stream = reader::vpcd::connect(vpcd, Duration::from_secs(10))
                     .with_context(|| format!("connecting to the vpcd driver at {vpcd} (is pcscd running with vsmartcard-vpcd?)"))?;
                 println!("card in the virtual reader (vpcd {vpcd}); Ctrl-C takes it out");
-                let mut rng = app::cards::OsRandom;
+                let mut rng = app::personalise::OsRandom;
                 let answered =
                     reader::vpcd::serve(&mut soft, &mut rng, stream, &stop, |c| save_card(&path, c))
                         .with_context(|| format!("serving {}", path.display()))?;
