@@ -1,96 +1,205 @@
-//! Demo data: a small campus's ledger so that a new user sees a living system at once.
+//! Demo data: a living campus so that a new user sees the whole system with one command.
 //!
-//! The system accounts (bank clearing, cash, deposits, fees, subsidies, suspense), a few
-//! merchants, and cardholders with online and purse accounts; bank and cash top-ups, a deposit
-//! per card, canteen purchases, a purchase with a fee (linked), and one open hold. Every id is
-//! derived from a fixed seed, so running it twice changes nothing the second time.
+//! Built through the same use cases the card desk uses: card stock received, initialised and
+//! partly voided; cardholders in a dozen departments imported from a generated CSV with a card
+//! each; cash and bank top-ups, loads, canteen purchases, a print job with a fee (linked), an
+//! open hold; and cards in every state (lost, frozen, replaced, cancelled). Everything is
+//! derived from a fixed seed, and a database that has cardholders already is left alone.
 
 use ledger::{AccountId, AccountKind, Fen, Transfer, TransferId, TransferKind};
 
-use crate::App;
-
-/// Business codes used by the demo's transfers (the use cases of later issues define theirs).
-pub mod code {
-    pub const BANK_TOP_UP: u16 = 1;
-    pub const CASH_TOP_UP: u16 = 2;
-    pub const DEPOSIT: u16 = 3;
-    pub const LOAD: u16 = 4;
-    pub const PURCHASE: u16 = 5;
-    pub const FEE: u16 = 6;
-}
+use crate::access::{Actor, Role};
+use crate::cardholders::{self, ImportOptions};
+use crate::cards;
+use crate::{App, code, stock};
 
 /// What the demo created.
 #[derive(Debug, Default)]
 pub struct DemoSummary {
-    pub accounts: usize,
+    pub cardholders: usize,
+    pub cards: usize,
     pub transfers: usize,
-    /// False when the demo data was there already.
+    /// False when the database had cardholders already.
     pub created: bool,
 }
 
-const MERCHANTS: [&str; 4] = [
+const MERCHANTS: [&str; 5] = [
     "merchant:canteen-1",
     "merchant:canteen-2",
     "merchant:shop",
     "merchant:print-centre",
+    "merchant:library",
 ];
 
-/// Deterministic ids: the demo's namespace in the high bits, a counter in the low bits.
+const DEPARTMENTS: [&str; 12] = [
+    "计算机学院",
+    "数学科学学院",
+    "物理学院",
+    "化学与分子工程学院",
+    "生命科学学院",
+    "经济学院",
+    "法学院",
+    "外国语学院",
+    "新闻与传播学院",
+    "医学部",
+    "后勤保障部",
+    "图书馆",
+];
+
+const SURNAMES: [&str; 24] = [
+    "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭",
+    "何", "高", "林", "罗", "郑", "梁", "谢", "宋",
+];
+const GIVEN: [&str; 30] = [
+    "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明",
+    "超", "秀英", "霞", "平", "刚", "桂英", "浩然", "子涵", "雨桐", "欣怡", "梓轩", "思远", "一诺",
+    "嘉怡",
+];
+
+/// The first ASN of the demo's card stock.
+pub const DEMO_FIRST_ASN: u128 = 20_261_128_000_000_000_001;
+
+/// A deterministic generator (xorshift): the same campus every time.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// A CSV of `n` made-up cardholders (header included): students, staff and a few temporary
+/// cardholders, with identity and phone numbers. Numbers start at `first_number`.
+pub fn cardholders_csv(n: usize, first_number: u64, seed: u64) -> String {
+    let mut rng = Rng(seed | 1);
+    let mut out = String::from("number,name,kind,department,id_number,phone\n");
+    for i in 0..n as u64 {
+        let number = first_number + i;
+        let name = format!(
+            "{}{}",
+            SURNAMES[rng.below(SURNAMES.len() as u64) as usize],
+            GIVEN[rng.below(GIVEN.len() as u64) as usize]
+        );
+        let (kind, dept) = match rng.below(100) {
+            0..=79 => ("student", DEPARTMENTS[rng.below(10) as usize]),
+            80..=96 => ("staff", DEPARTMENTS[rng.below(12) as usize]),
+            _ => ("temporary", "访客"),
+        };
+        let birth_year = if kind == "student" {
+            2000 + rng.below(8)
+        } else {
+            1965 + rng.below(35)
+        };
+        let id_number = format!(
+            "{:06}{birth_year}{:02}{:02}{:04}",
+            110_101 + rng.below(800_000),
+            1 + rng.below(12),
+            1 + rng.below(28),
+            rng.below(10_000)
+        );
+        let phone = format!("1{}{:09}", 3 + rng.below(6), rng.below(1_000_000_000));
+        out.push_str(&format!(
+            "{number},{name},{kind},{dept},{id_number},{phone}\n"
+        ));
+    }
+    out
+}
+
+/// Deterministic transfer ids: the demo's namespace in the high bits, a counter in the low.
 fn demo_id(n: u64) -> TransferId {
     TransferId::new(0xde30_0000_0000_0000_0000_0000_0000_0000 | u128::from(n)).expect("non-zero")
 }
 
-/// Seeds the ledger with `cardholders` cardholders and their money. Does nothing if the demo's
-/// system accounts exist already.
+/// Creates the demo campus with `cardholders` cardholders, unless the database has
+/// cardholders already.
 pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> {
-    if app
+    let existing = app
         .store()
-        .account_by_name("bank:demo-bank")
+        .query_opt("SELECT count(*) FROM cardholders", &[])
         .await?
-        .is_some()
-    {
+        .map_or(0, |r| r.int(0).unwrap_or(0));
+    if existing > 0 {
         return Ok(DemoSummary::default());
     }
+    let actor = Actor {
+        name: "demo".into(),
+        ..Actor::system()
+    };
     let mut summary = DemoSummary {
         created: true,
         ..DemoSummary::default()
     };
-    let system = [
-        (AccountKind::BankClearing, "bank:demo-bank"),
-        (AccountKind::Cash, "cash:card-desk"),
-        (AccountKind::CardDeposit, "card-deposits"),
-        (AccountKind::FeeIncome, "fee-income"),
+    // Stock: every demo card plus spares; a few spares initialised, ten voided.
+    let first = stock::format_asn(DEMO_FIRST_ASN);
+    let stocked = cardholders as u64 + 200;
+    stock::receive(app, &actor, &first, stocked, "demo delivery 2026-09").await?;
+    stock::initialise(app, &actor, &first, cardholders as u64 + 150).await?;
+    let void_first = stock::format_asn(DEMO_FIRST_ASN + u128::from(stocked) - 10);
+    stock::void(app, &actor, &void_first, 10, "damaged in transport").await?;
+
+    // System accounts and merchants.
+    let bank = named(app, AccountKind::BankClearing, "bank:demo-bank").await?;
+    for (kind, name) in [
         (AccountKind::SubsidyFund, "subsidy-fund"),
         (AccountKind::Suspense, "suspense"),
-    ];
-    let mut wanted: Vec<(AccountKind, Option<String>)> = system
-        .iter()
-        .map(|&(k, n)| (k, Some(n.to_owned())))
-        .collect();
-    wanted.extend(
-        MERCHANTS
-            .iter()
-            .map(|m| (AccountKind::MerchantPayable, Some((*m).to_owned()))),
-    );
-    for _ in 0..cardholders {
-        wanted.push((AccountKind::CardholderOnline, None));
-        wanted.push((AccountKind::CardholderPurse, None));
+        (AccountKind::FeeIncome, crate::system_account::FEE_INCOME),
+    ] {
+        named(app, kind, name).await?;
     }
-    let ids: Vec<AccountId> = app
-        .store()
-        .create_accounts(wanted, app.now())
-        .await?
-        .into_iter()
-        .map(|r| r.account.id)
-        .collect();
-    summary.accounts = ids.len();
-    let (bank, cash, deposits, fees) = (ids[0], ids[1], ids[2], ids[3]);
-    let merchants = &ids[system.len()..system.len() + MERCHANTS.len()];
-    let holders: Vec<(AccountId, AccountId)> = ids[system.len() + MERCHANTS.len()..]
-        .chunks(2)
-        .map(|pair| (pair[0], pair[1]))
-        .collect();
+    let mut merchants = Vec::new();
+    for m in MERCHANTS {
+        merchants.push(named(app, AccountKind::MerchantPayable, m).await?);
+    }
+    let fees = named(
+        app,
+        AccountKind::FeeIncome,
+        crate::system_account::FEE_INCOME,
+    )
+    .await?;
 
+    // Cardholders with a card each, through the CSV import.
+    let csv = cardholders_csv(cardholders, 2_026_000_001, 20_261_128);
+    let report = cardholders::import_csv(
+        app,
+        &actor,
+        csv.as_bytes(),
+        ImportOptions {
+            issue_cards: true,
+            progress: None,
+        },
+    )
+    .await?;
+    anyhow::ensure!(
+        report.errors.is_empty(),
+        "demo import refused rows: {:?}",
+        &report.errors[..report.errors.len().min(3)]
+    );
+    summary.cardholders = report.imported;
+    summary.cards = report.cards_issued;
+
+    // Their accounts: (cardholder id, online, purse).
+    let holders: Vec<(i64, AccountId, AccountId)> = app
+        .store()
+        .query(
+            "SELECT h.id, h.online_account_id, c.purse_account_id FROM cardholders h \
+             JOIN cards c ON c.cardholder_id = h.id ORDER BY h.id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.int(0)?,
+                AccountId::new(r.int(1)?).ok_or_else(|| anyhow::anyhow!("bad id"))?,
+                AccountId::new(r.int(2)?).ok_or_else(|| anyhow::anyhow!("bad id"))?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    // Money: top-ups (a third in cash at the desk, the rest from the bank), loads, purchases.
     let mut n = 0u64;
     let mut next = |debit, credit, fen: i64, code: u16| {
         n += 1;
@@ -105,16 +214,15 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
         }
     };
     let mut batch = Vec::new();
-    for (i, &(online, purse)) in holders.iter().enumerate() {
+    for (i, &(holder, online, purse)) in holders.iter().enumerate() {
         let i = i as i64;
-        let (source, top_up_code) = if i % 3 == 0 {
-            (cash, code::CASH_TOP_UP)
-        } else {
-            (bank, code::BANK_TOP_UP)
-        };
         let top_up = 20_000 + (i * 1_537) % 30_000;
-        batch.push(next(source, online, top_up, top_up_code));
-        batch.push(next(online, deposits, 2_000, code::DEPOSIT));
+        if i % 3 == 0 {
+            crate::online::cash_top_up(app, &actor, &format!("demo-{holder}"), holder, top_up)
+                .await?;
+        } else {
+            batch.push(next(bank, online, top_up, code::BANK_TOP_UP));
+        }
         let load = 5_000 + (i * 911) % 10_000;
         batch.push(next(online, purse, load, code::LOAD));
         for k in 0..(i % 4) {
@@ -134,7 +242,7 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
             batch.push(next(online, fees, 10, code::FEE));
         }
     }
-    if let Some(&(online, _)) = holders.first() {
+    if let Some(&(_, online, _)) = holders.first() {
         // A shop purchase authorised but not yet confirmed: a hold for an hour.
         let mut hold = next(online, merchants[2], 1_500, code::PURCHASE);
         hold.kind = TransferKind::Pending { timeout_s: 3_600 };
@@ -151,7 +259,49 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
         }
         summary.transfers += chunk.len();
     }
+
+    // Cards in every state: a few lost, frozen, replaced and cancelled.
+    let card_of = |holder: i64| async move {
+        app.store()
+            .query_opt(
+                "SELECT id FROM cards WHERE cardholder_id = $1 AND status IN (0, 1, 2)",
+                store::params![holder],
+            )
+            .await
+            .map(|r| r.and_then(|r| r.int(0).ok()))
+    };
+    let desk = Actor {
+        role: Role::Administrator,
+        ..actor.clone()
+    };
+    for (i, &(holder, _, _)) in holders.iter().enumerate().skip(1).step_by(97).take(40) {
+        let Some(card) = card_of(holder).await? else {
+            continue;
+        };
+        match i % 4 {
+            0 => {
+                cards::report_loss(app, &desk, card).await?;
+            }
+            1 => {
+                cards::freeze(app, &desk, card, "unpaid library fines").await?;
+            }
+            2 => {
+                cards::report_loss(app, &desk, card).await?;
+                cards::replace(app, &desk, card, cards::ReplaceRequest::default()).await?;
+            }
+            _ => {
+                cards::cancel(app, &desk, card).await?;
+            }
+        }
+    }
     Ok(summary)
+}
+
+async fn named(app: &App, kind: AccountKind, name: &str) -> anyhow::Result<AccountId> {
+    if let Some(a) = app.store().account_by_name(name).await? {
+        return Ok(a.account.id);
+    }
+    Ok(app.create_account(kind, Some(name)).await?.account.id)
 }
 
 /// Splits transfers into slices of about `size`, never inside a linked chain.
@@ -167,4 +317,29 @@ fn chunk_at_chain_ends(transfers: &[Transfer], size: usize) -> Vec<&[Transfer]> 
         start = end;
     }
     chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_csv_is_valid_and_deterministic() {
+        let a = cardholders_csv(500, 1, 7);
+        assert_eq!(a, cardholders_csv(500, 1, 7));
+        assert_eq!(a.lines().count(), 501);
+        for line in a.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            let new = cardholders::NewCardholder {
+                number: f[0].into(),
+                name: f[1].into(),
+                kind: cardholders::CardholderKind::parse(f[2]).unwrap(),
+                department: f[3].into(),
+                id_number: Some(f[4].into()),
+                phone: Some(f[5].into()),
+            };
+            cardholders::validate(&new).unwrap();
+            assert_eq!(f[4].len(), 18, "{line}");
+        }
+    }
 }

@@ -170,15 +170,18 @@ async fn states_in(
         .collect()
 }
 
-fn describe(states: &[(StockState, i64)]) -> String {
-    if states.is_empty() {
-        return "none of them is in stock".into();
-    }
-    states
+/// "3 blank, 2 void, 5 not in stock" for `total` cards whose states are `states`.
+fn describe(states: &[(StockState, i64)], total: u128) -> String {
+    let mut parts: Vec<String> = states
         .iter()
         .map(|(s, n)| format!("{n} {}", s.name()))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    let present: i64 = states.iter().map(|(_, n)| n).sum();
+    let missing = total as i64 - present;
+    if missing > 0 {
+        parts.push(format!("{missing} not in stock"));
+    }
+    parts.join(", ")
 }
 
 /// Receives `count` blank cards from `first` on, all new to the stock.
@@ -211,7 +214,7 @@ pub async fn receive(
                             "{} to {} holds cards already in stock ({}); nothing was received",
                             format_asn(first),
                             format_asn(last),
-                            describe(&present)
+                            describe(&present, last - first + 1)
                         ),
                     ));
                 }
@@ -289,7 +292,7 @@ async fn change_range(
                                 .map(|s| s.name())
                                 .collect::<Vec<_>>()
                                 .join(" or "),
-                            describe(&states)
+                            describe(&states, last - first + 1)
                         ),
                     ));
                 }

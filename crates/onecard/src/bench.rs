@@ -359,3 +359,114 @@ async fn run_concurrent(store: &Store, work: &mut Workload, total: usize) -> any
     );
     Ok(applied as f64 / seconds)
 }
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Which store backends to measure.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BackendChoice,
+    /// Cardholders in the CSV file; each is issued a card with a deposit.
+    #[arg(long, default_value_t = 10_000)]
+    cardholders: usize,
+    /// Runs; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// PostgreSQL server for a scratch database (as for `bench ledger`).
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+}
+
+/// `onecard bench import`: a CSV of cardholders imported with a card issued to each (stock
+/// taken, deposit posted, audited), into a fresh database per run. Receiving and initialising
+/// the stock is not timed.
+pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are meaningless (use --release)");
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "onecard bench import: {cores} cores, {} cardholders per file, a card and a deposit each",
+        args.cardholders
+    );
+    println!(
+        "{:<10} {:>10} {:>14}   runs (s)",
+        "backend", "seconds", "cardholders/s"
+    );
+    let csv = app::demo::cardholders_csv(args.cardholders, 1, 42);
+    for (backend, wanted) in [
+        (
+            "sqlite",
+            matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All),
+        ),
+        (
+            "postgres",
+            matches!(args.backend, BackendChoice::Postgres | BackendChoice::All),
+        ),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let mut seconds = Vec::new();
+        for run in 0..args.runs {
+            let dir = tempfile::tempdir()?;
+            let (store, scratch) = if backend == "sqlite" {
+                let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
+                (Store::open(&url, StoreOptions::default()).await?, None)
+            } else {
+                let server_text = args
+                    .pg_url
+                    .clone()
+                    .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
+                    .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
+                    .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
+                let server = DatabaseUrl::parse(&server_text)?;
+                let name = format!("onecard_bench_{}_{run}", std::process::id());
+                let url = store::create_scratch_database(&server, &name).await?;
+                (
+                    Store::open(&url, StoreOptions::default()).await?,
+                    Some((server, name)),
+                )
+            };
+            let app = app::App::new(store.clone(), std::sync::Arc::new(app::SystemClock));
+            let actor = app::Actor::cli();
+            let first = "10000000000000000001";
+            let count = args.cardholders as u64;
+            app::stock::receive(&app, &actor, first, count, "bench").await?;
+            app::stock::initialise(&app, &actor, first, count).await?;
+            let started = Instant::now();
+            let report = app::cardholders::import_csv(
+                &app,
+                &actor,
+                csv.as_bytes(),
+                app::cardholders::ImportOptions {
+                    issue_cards: true,
+                    progress: None,
+                },
+            )
+            .await?;
+            seconds.push(started.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                report.imported == args.cardholders && report.cards_issued == args.cardholders,
+                "the import refused rows: {:?}",
+                &report.errors[..report.errors.len().min(3)]
+            );
+            let check = store.check().await?;
+            anyhow::ensure!(check.is_ok(), "db-check failed after the import: {check}");
+            drop((app, store));
+            if let Some((server, name)) = scratch {
+                store::drop_scratch_database(&server, &name).await?;
+            }
+        }
+        let runs: Vec<String> = seconds.iter().map(|s| format!("{s:.2}")).collect();
+        let m = median(seconds);
+        println!(
+            "{backend:<10} {m:>10.2} {:>14.0}   {}",
+            args.cardholders as f64 / m,
+            runs.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 mod bench;
 mod config;
+mod desk_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,9 +76,29 @@ enum Command {
     /// Master keys in the security module (check values only; keys are never shown).
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Software cards: a card is a file.
+    /// Cards: the card desk's commands (issue, loss, replace, cancel, ...) and software card
+    /// files (create, balance, history, serve-vpcd).
     #[command(subcommand)]
     Card(CardCommand),
+    /// Cardholders: create, edit, show, search, import from CSV, money history.
+    #[command(subcommand)]
+    Cardholder(desk_cli::CardholderCommand),
+    /// Card stock: receive, initialise and void blank cards by ASN range; counts; movements.
+    #[command(subcommand)]
+    Stock(desk_cli::StockCommand),
+    /// A cardholder's online account at the card desk: cash top-up and refund.
+    #[command(subcommand)]
+    Online(desk_cli::OnlineCommand),
+    /// The blacklist changes terminals download, after a version.
+    Blacklist {
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log: verify its hash chain, or list it.
+    #[command(subcommand)]
+    Audit(desk_cli::AuditCommand),
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -107,6 +128,8 @@ enum KeysCommand {
 
 #[derive(Subcommand, Debug)]
 enum CardCommand {
+    #[command(flatten)]
+    Desk(desk_cli::DeskCardCommand),
     /// Make a software card personalised with keys from the security module.
     #[command(visible_alias = "personalise")]
     Create {
@@ -254,6 +277,8 @@ enum TransferCommand {
 enum BenchCommand {
     /// Ledger throughput: the pure apply step, and the store on SQLite and PostgreSQL.
     Ledger(bench::LedgerArgs),
+    /// Cardholder import with a card each (the CSV path of the card desk).
+    Import(bench::ImportArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -405,9 +430,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let summary = app::demo::seed(&app, cardholders).await?;
             if summary.created {
                 println!(
-                    "demo campus created in {}: {} accounts, {} transfers ({:.1} s)",
+                    "demo campus created in {}: {} cardholders, {} cards, {} transfers ({:.1} s)",
                     config.database_url,
-                    summary.accounts,
+                    summary.cardholders,
+                    summary.cards,
                     summary.transfers,
                     started.elapsed().as_secs_f64()
                 );
@@ -421,8 +447,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Account(cmd) => return account(&config, cmd).await,
         Command::Transfer(cmd) => return transfer(&config, cmd).await,
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
+        Command::Bench(BenchCommand::Import(args)) => bench::import(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
+        Command::Cardholder(cmd) => {
+            desk_cli::cardholder(&app(open(&config, false).await?), cmd).await?
+        }
+        Command::Stock(cmd) => {
+            desk_cli::stock_command(&app(open(&config, false).await?), cmd).await?
+        }
+        Command::Online(cmd) => {
+            desk_cli::online_command(&app(open(&config, false).await?), cmd).await?
+        }
+        Command::Blacklist { since, json } => {
+            desk_cli::blacklist(&app(open(&config, false).await?), since, json).await?
+        }
+        Command::Audit(cmd) => {
+            if !desk_cli::audit_command(&app(open(&config, false).await?), cmd).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -533,6 +577,7 @@ fn read_card(path: &std::path::Path) -> anyhow::Result<card::soft_card::SoftCard
 
 async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
     match cmd {
+        CardCommand::Desk(cmd) => desk_cli::card(&app(open(config, false).await?), cmd).await?,
         CardCommand::Create {
             file,
             asn,

@@ -68,7 +68,7 @@ fn init_transfer_and_db_check_and_every_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     fails(&data, &["db-check"], 1, "onecard init");
-    assert!(ok(&data, &["init"]).contains("schema version 2"));
+    assert!(ok(&data, &["init"]).contains("schema version 3"));
     assert!(data.join("onecard.db").is_file());
     ok(&data, &["init"]);
     assert!(ok(&data, &["migrate"]).contains("up to date"));
@@ -333,7 +333,7 @@ fn commands_work_on_postgres() {
         all.iter().map(|s| s.to_string()).collect::<Vec<String>>()
     };
     let run_ok = |args: Vec<String>| ok(data, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(run_ok(db(&["init"])).contains("schema version 2"));
+    assert!(run_ok(db(&["init"])).contains("schema version 3"));
     assert!(run_ok(db(&["migrate"])).contains("up to date"));
     run_ok(db(&["account", "create", "--kind", "bank_clearing"]));
     run_ok(db(&["account", "create", "--kind", "cardholder_online"]));
@@ -572,4 +572,157 @@ fn a_card_file_serves_the_vpcd_protocol_and_is_saved() {
         before,
         "the PIN try was saved to the card file"
     );
+}
+
+#[test]
+fn the_card_desk_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["init"]);
+    ok(
+        d,
+        &[
+            "stock",
+            "receive",
+            "--first",
+            "10000000000000000001",
+            "--count",
+            "20",
+            "--batch",
+            "b1",
+        ],
+    );
+    ok(
+        d,
+        &[
+            "stock",
+            "initialise",
+            "--first",
+            "10000000000000000001",
+            "--count",
+            "3",
+        ],
+    );
+    fails(
+        d,
+        &[
+            "stock",
+            "void",
+            "--first",
+            "10000000000000000001",
+            "--count",
+            "25",
+            "--reason",
+            "x",
+        ],
+        1,
+        "17 blank, 3 initialised, 5 not in stock",
+    );
+    let csv = d.join("people.csv");
+    std::fs::write(
+        &csv,
+        "number,name,kind,department,id_number,phone\n\
+         1,张三,学生,物理系,110101200001011234,13812345678\n\
+         2,李四,staff,化学系,,\n\
+         3,,student,x,,\n\
+         4,王五,student,数学系,,\n\
+         5,赵六,student,数学系,,\n",
+    )
+    .unwrap();
+    let errors = d.join("errors.csv");
+    let out = ok(
+        d,
+        &[
+            "cardholder",
+            "import",
+            csv.to_str().unwrap(),
+            "--issue-cards",
+            "--errors-out",
+            errors.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("5 rows: 3 imported, 3 cards issued, 2 not imported"),
+        "{out}"
+    );
+    assert!(out.contains("line 4 (3): name is empty"), "{out}");
+    assert!(out.contains("line 6 (5): no initialised card"), "{out}");
+    let written = std::fs::read_to_string(&errors).unwrap();
+    assert!(
+        written.starts_with("line,number,error\n4,3,name is empty\n"),
+        "{written}"
+    );
+    // Lists are masked.
+    let found = ok(d, &["cardholder", "search", "张"]);
+    assert!(
+        found.contains("1101**********1234") && !found.contains("13812345678"),
+        "{found}"
+    );
+    ok(
+        d,
+        &[
+            "online",
+            "top-up",
+            "--cardholder",
+            "1",
+            "--amount-fen",
+            "5000",
+            "--key",
+            "k1",
+        ],
+    );
+    ok(d, &["card", "loss", "10000000000000000001"]);
+    fails(d, &["card", "loss", "10000000000000000001"], 1, "is lost");
+    fails(
+        d,
+        &["card", "replace", "10000000000000000001"],
+        1,
+        "no initialised card is left",
+    );
+    ok(
+        d,
+        &[
+            "stock",
+            "initialise",
+            "--first",
+            "10000000000000000004",
+            "--count",
+            "2",
+        ],
+    );
+    let replaced = ok(d, &["card", "replace", "10000000000000000001", "--json"]);
+    let replaced: serde_json::Value = serde_json::from_str(&replaced).unwrap();
+    assert_eq!(replaced["card"]["status"], "replaced");
+    assert_eq!(replaced["new_card"]["asn"], "10000000000000000004");
+    let cancelled = ok(d, &["card", "cancel", "10000000000000000004"]);
+    assert!(
+        cancelled.contains("refund_online: 50.00") && cancelled.contains("refund_deposit: 20.00"),
+        "{cancelled}"
+    );
+    let blacklist = ok(d, &["blacklist", "--json"]);
+    let blacklist: serde_json::Value = serde_json::from_str(&blacklist).unwrap();
+    assert_eq!(blacklist["version"], 2);
+    let events = ok(d, &["card", "events", "10000000000000000001"]);
+    assert!(
+        events.contains("report_loss") && events.contains("replace"),
+        "{events}"
+    );
+    fails(
+        d,
+        &["card", "show", "12x"],
+        1,
+        "must be an ASN (20 digits) or a card id",
+    );
+    fails(
+        d,
+        &["cardholder", "import", "/nonexistent.csv"],
+        1,
+        "reading /nonexistent.csv",
+    );
+    assert!(ok(d, &["db-check"]).contains("OK"));
+    assert!(ok(d, &["audit", "verify"]).contains("audit log intact"));
+    let log = ok(d, &["audit", "list", "--action", "card.cancel", "--json"]);
+    let log: serde_json::Value = serde_json::from_str(&log).unwrap();
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    assert!(log[0]["actor"].as_str().unwrap().starts_with("cli:"));
 }
