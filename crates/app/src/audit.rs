@@ -190,7 +190,8 @@ pub struct AuditFilter {
     pub limit: Option<u32>,
 }
 
-/// Reads the log newest first, filtered. Needs [`Permission::AuditRead`].
+/// Reads the log newest first, filtered. Needs [`Permission::AuditRead`]. (The casts give
+/// PostgreSQL the parameters' types where a parameter is only compared with NULL.)
 pub async fn list(store: &Store, actor: &Actor, f: &AuditFilter) -> AppResult<Vec<AuditEntry>> {
     actor.require(Permission::AuditRead)?;
     let limit = i64::from(f.limit.unwrap_or(100).clamp(1, AUDIT_LIST_MAX));
@@ -198,9 +199,12 @@ pub async fn list(store: &Store, actor: &Actor, f: &AuditFilter) -> AppResult<Ve
     let rows = store
         .query(
             "SELECT seq, at, actor, source, action, target, summary FROM audit_log \
-             WHERE ($1 IS NULL OR actor = $1) AND ($2 IS NULL OR action = $2) \
-             AND ($3 IS NULL OR target LIKE $3 ESCAPE '\\') AND ($4 IS NULL OR at >= $4) \
-             AND ($5 IS NULL OR at < $5) AND ($6 IS NULL OR seq < $6) \
+             WHERE (CAST($1 AS TEXT) IS NULL OR actor = $1) \
+             AND (CAST($2 AS TEXT) IS NULL OR action = $2) \
+             AND (CAST($3 AS TEXT) IS NULL OR target LIKE $3 ESCAPE '\\') \
+             AND (CAST($4 AS BIGINT) IS NULL OR at >= $4) \
+             AND (CAST($5 AS BIGINT) IS NULL OR at < $5) \
+             AND (CAST($6 AS BIGINT) IS NULL OR seq < $6) \
              ORDER BY seq DESC LIMIT $7",
             params![
                 f.actor.clone(),

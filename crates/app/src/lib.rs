@@ -8,6 +8,7 @@ pub mod audit;
 pub mod cards;
 pub mod demo;
 pub mod error;
+pub mod operators;
 pub mod security;
 
 pub use access::{Actor, Permission, Role};
