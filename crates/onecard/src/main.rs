@@ -3,6 +3,7 @@
 
 mod bench;
 mod config;
+mod operator_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,9 @@ enum Command {
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Operators: accounts with a role that log in to the API (passwords never as flags).
+    #[command(subcommand)]
+    Operator(operator_cli::OperatorCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -423,6 +427,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
+        Command::Operator(cmd) => operator_cli::run(&config, cmd).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
