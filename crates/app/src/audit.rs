@@ -190,7 +190,8 @@ pub struct AuditFilter {
     pub limit: Option<u32>,
 }
 
-/// Reads the log newest first, filtered. Needs [`Permission::AuditRead`].
+/// Reads the log newest first, filtered. Needs [`Permission::AuditRead`]. (The casts give
+/// PostgreSQL the parameters' types where a parameter is only compared with NULL.)
 pub async fn list(store: &Store, actor: &Actor, f: &AuditFilter) -> AppResult<Vec<AuditEntry>> {
     actor.require(Permission::AuditRead)?;
     let limit = i64::from(f.limit.unwrap_or(100).clamp(1, AUDIT_LIST_MAX));

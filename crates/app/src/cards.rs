@@ -234,6 +234,7 @@ pub(crate) async fn insert_issued(
     Ok(id)
 }
 
+// An event row has this many columns; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 async fn event(
     tx: &mut Tx<'_>,

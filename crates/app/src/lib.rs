@@ -10,6 +10,7 @@ pub mod cards;
 pub mod demo;
 pub mod error;
 pub mod online;
+pub mod operators;
 pub mod personalise;
 pub mod security;
 pub mod stock;

@@ -170,6 +170,7 @@ enum Movement {
 
 /// The shared flow: replay, or move the money and remember the answer. A refusal by the
 /// ledger (insufficient balance) is remembered and committed; everything else rolls back.
+// The shared flow takes each request field separately; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 async fn run(
     app: &App,

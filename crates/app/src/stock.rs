@@ -107,6 +107,7 @@ fn range(first: &str, count: u64) -> AppResult<(u128, u128)> {
 }
 
 /// Logs a movement of `asns` as runs of consecutive ASNs.
+// A movement names its actor, time, range, states and note: one argument each.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn log_movement(
     tx: &mut Tx<'_>,
@@ -255,6 +256,7 @@ pub async fn receive(
 }
 
 /// Moves `[first, last]` from one of `from` to `to`; every card must be in one of `from`.
+// A movement names its actor, time, range, states and note: one argument each.
 #[allow(clippy::too_many_arguments)]
 async fn change_range(
     app: &App,
@@ -309,6 +311,7 @@ async fn change_range(
         .await
 }
 
+// A movement names its actor, time, range, states and note: one argument each.
 #[allow(clippy::too_many_arguments)]
 async fn move_range(
     tx: &mut Tx<'_>,

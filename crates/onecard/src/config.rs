@@ -15,7 +15,7 @@ pub const DATA_DIR_DEFAULT: &str = "onecard-data";
 pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 
 /// Environment variables onecard reads; any other `ONECARD_*` variable is refused.
-pub const ENV_VARS: [&str; 9] = [
+pub const ENV_VARS: [&str; 10] = [
     "ONECARD_CONFIG",
     "ONECARD_KEK",
     "ONECARD_KEK_FILE",
@@ -23,6 +23,8 @@ pub const ENV_VARS: [&str; 9] = [
     "ONECARD_DATABASE_URL",
     "ONECARD_HTTP_LISTEN",
     "ONECARD_LOG",
+    // The password for `onecard operator create|passwd` without --password-file.
+    "ONECARD_OPERATOR_PASSWORD",
     // Used by tests and benchmarks only.
     "ONECARD_TEST_PG_URL",
     "ONECARD_BENCH_PG_URL",

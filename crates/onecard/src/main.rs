@@ -4,6 +4,7 @@
 mod bench;
 mod config;
 mod desk_cli;
+mod operator_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,9 @@ enum Command {
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Operators: accounts with a role that log in to the API (passwords never as flags).
+    #[command(subcommand)]
+    Operator(operator_cli::OperatorCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -467,6 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Operator(cmd) => operator_cli::run(&config, cmd).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -228,10 +228,27 @@ fn demo_seeds_a_consistent_campus() {
 }
 
 fn http_get(port: u16, path: &str) -> (u16, serde_json::Value) {
+    http(port, "GET", path, None, None)
+}
+
+/// One HTTP/1.1 request over TCP, with an optional bearer token and JSON body.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut raw = String::new();
@@ -249,6 +266,22 @@ fn http_get(port: u16, path: &str) -> (u16, serde_json::Value) {
 fn serve_answers_health_and_ledger_reads_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
     ok(dir.path(), &["demo", "--cardholders", "5", "--no-serve"]);
+    let password = dir.path().join("pw");
+    std::fs::write(&password, "finance password\n").unwrap();
+    let pw = password.to_str().unwrap();
+    ok(
+        dir.path(),
+        &[
+            "operator",
+            "create",
+            "--username",
+            "fin",
+            "--role",
+            "finance",
+            "--password-file",
+            pw,
+        ],
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_onecard"))
         .arg("--data-dir")
         .arg(dir.path())
@@ -276,21 +309,58 @@ fn serve_answers_health_and_ledger_reads_over_tcp() {
         ),
         (200, Some("ok"), Some("sqlite"))
     );
-    let (status, bank) = http_get(port, "/api/v1/accounts/1");
+    // The ledger is behind a login.
+    let (status, err) = http_get(port, "/api/v1/accounts/1");
+    assert_eq!((status, err["code"].as_str()), (401, Some("unauthorized")));
+    let credentials = |p: &str| serde_json::json!({"username": "fin", "password": p});
+    let (status, err) = http(
+        port,
+        "POST",
+        "/api/v1/login",
+        None,
+        Some(credentials("nope")),
+    );
+    assert_eq!((status, err["code"].as_str()), (401, Some("unauthorized")));
+    let (status, session) = http(
+        port,
+        "POST",
+        "/api/v1/login",
+        None,
+        Some(credentials("finance password")),
+    );
+    assert_eq!(status, 200, "{session}");
+    let token = session["token"].as_str().unwrap();
+    let get = |path: &str| http(port, "GET", path, Some(token), None);
+    let (status, me) = get("/api/v1/me");
+    assert_eq!((status, me["role"].as_str()), (200, Some("finance")));
+    let (status, bank) = get("/api/v1/accounts/1");
     assert_eq!(status, 200);
     assert_eq!(bank["name"], "bank:demo-bank");
     assert!(
         bank["balance_fen"].as_i64().unwrap() < 0,
         "the bank clearing account paid out"
     );
-    let (status, history) = http_get(port, "/api/v1/accounts/11/transfers?limit=2");
+    let (status, history) = get("/api/v1/accounts/11/transfers?limit=2");
     assert_eq!(status, 200);
     assert_eq!(history["transfers"].as_array().unwrap().len(), 2);
-    let (status, err) = http_get(port, "/api/v1/accounts/abc");
+    let (status, err) = get("/api/v1/accounts/abc");
     assert_eq!(
         (status, err["code"].as_str()),
         (400, Some("invalid_account_id"))
     );
+    // Finance may not manage operators.
+    let (status, err) = get("/api/v1/operators");
+    assert_eq!((status, err["code"].as_str()), (403, Some("forbidden")));
+    // The server saw the client's address.
+    let db = rusqlite::Connection::open(dir.path().join("onecard.db")).unwrap();
+    let sources: Vec<String> = db
+        .prepare("SELECT DISTINCT source FROM login_attempts")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(sources, ["127.0.0.1"]);
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -341,6 +411,26 @@ fn commands_work_on_postgres() {
         "transfer", "create", "--id", T1, "--debit", "1", "--credit", "2", "--amount", "700",
     ]));
     assert!(run_ok(db(&["account", "show", "2"])).contains("7.00 yuan (700 fen)"));
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "a postgres password").unwrap();
+    run_ok(db(&[
+        "operator",
+        "create",
+        "--username",
+        "pgadmin",
+        "--role",
+        "administrator",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]));
+    let demote = db(&["operator", "role", "pgadmin", "auditor"]);
+    fails(
+        data,
+        &demote.iter().map(String::as_str).collect::<Vec<_>>(),
+        1,
+        "last enabled administrator",
+    );
+    assert!(run_ok(db(&["operator", "list"])).contains("pgadmin"));
     let bad = db(&[
         "transfer", "create", "--id", T2, "--debit", "2", "--credit", "9", "--amount", "1",
     ]);
@@ -725,4 +815,176 @@ fn the_card_desk_from_the_command_line() {
     let log: serde_json::Value = serde_json::from_str(&log).unwrap();
     assert_eq!(log.as_array().unwrap().len(), 1);
     assert!(log[0]["actor"].as_str().unwrap().starts_with("cli:"));
+}
+
+/// Runs onecard with ONECARD_OPERATOR_PASSWORD set (or removed).
+fn with_password(data: &Path, password: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_onecard"));
+    cmd.arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env("ONECARD_LOG", "warn")
+        .env_remove("ONECARD_OPERATOR_PASSWORD");
+    if let Some(p) = password {
+        cmd.env("ONECARD_OPERATOR_PASSWORD", p);
+    }
+    cmd.output().expect("running onecard")
+}
+
+#[test]
+fn operators_are_managed_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(&data, &["init"]);
+    let shop = ok(&data, &["account", "create", "--kind", "merchant_payable"]);
+    assert!(shop.contains("account 1"), "{shop}");
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "root password 1\r\n").unwrap();
+    let pw = file.to_str().unwrap();
+
+    let out = ok(
+        &data,
+        &[
+            "operator",
+            "create",
+            "--username",
+            "root",
+            "--role",
+            "administrator",
+            "--password-file",
+            pw,
+        ],
+    );
+    assert!(
+        out.contains("created operator 1 root (administrator)"),
+        "{out}"
+    );
+    let o = with_password(
+        &data,
+        Some("till password"),
+        &[
+            "operator",
+            "create",
+            "--username",
+            "till",
+            "--role",
+            "merchant-operator",
+            "--merchant",
+            "1",
+            "--display-name",
+            "Canteen till",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("merchant account 1"), "{}", text(&o));
+
+    // Bad input: what was wrong, and nothing created.
+    let create = |user: &'static str, role: &'static str| {
+        vec!["operator", "create", "--username", user, "--role", role]
+    };
+    let o = with_password(&data, None, &create("nopw", "finance"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("ONECARD_OPERATOR_PASSWORD"),
+        "{}",
+        text(&o)
+    );
+    let o = with_password(&data, Some("short"), &create("weak", "finance"));
+    assert!(text(&o).contains("at least 10"), "{}", text(&o));
+    let o = with_password(&data, Some("long enough pw"), &create("root", "finance"));
+    assert!(text(&o).contains("exists already"), "{}", text(&o));
+    let o = with_password(
+        &data,
+        Some("long enough pw"),
+        &create("x2x", "merchant_operator"),
+    );
+    assert!(text(&o).contains("merchant account"), "{}", text(&o));
+    fails(&data, &create("x3x", "boss"), 2, "unknown role");
+    let mut with_flag = create("x4x", "finance");
+    with_flag.extend(["--password", "visible to all"]);
+    fails(&data, &with_flag, 2, "unexpected argument '--password'");
+    fails(
+        &data,
+        &[
+            "operator",
+            "create",
+            "--username",
+            "x5x",
+            "--role",
+            "finance",
+            "--password-file",
+            "/nonexistent/pw",
+        ],
+        1,
+        "reading the password file /nonexistent/pw",
+    );
+
+    let list = ok(&data, &["operator", "list"]);
+    assert!(list.starts_with("ID"), "{list}");
+    assert!(
+        list.contains("till") && list.contains("Canteen till"),
+        "{list}"
+    );
+    assert_eq!(list.lines().count(), 3, "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&data, &["operator", "list", "--json"])).unwrap();
+    assert_eq!(json[1]["merchant_account_id"], 1);
+
+    assert!(ok(&data, &["operator", "disable", "till"]).contains("disabled"));
+    assert!(ok(&data, &["operator", "enable", "till"]).contains("enabled operator 2"));
+    fails(
+        &data,
+        &["operator", "disable", "root"],
+        1,
+        "last enabled administrator",
+    );
+    fails(
+        &data,
+        &["operator", "disable", "ghost"],
+        1,
+        "no operator named \"ghost\"",
+    );
+    let out = ok(&data, &["operator", "role", "till", "finance"]);
+    assert!(out.contains("(finance)"), "{out}");
+    let o = with_password(
+        &data,
+        Some("a fresh password"),
+        &["operator", "passwd", "till"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The changes are in the audit log, which is intact, and no password is stored.
+    let db = rusqlite::Connection::open(data.join("onecard.db")).unwrap();
+    let actions: Vec<String> = db
+        .prepare("SELECT action FROM audit_log ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        actions,
+        [
+            "operator.create",
+            "operator.create",
+            "operator.disable",
+            "operator.enable",
+            "operator.role",
+            "operator.password"
+        ]
+    );
+    let everything: String = db
+        .query_row(
+            "SELECT group_concat(actor || summary || source) FROM audit_log",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(everything.contains("cli:"), "{everything}");
+    for secret in ["root password 1", "till password", "a fresh password"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret:?} is in the audit log"
+        );
+    }
 }

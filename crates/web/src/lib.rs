@@ -3,12 +3,23 @@
 //! Handlers parse, call [`app::App`], and shape JSON; no business rule lives here. Errors are
 //! JSON `{"code": ..., "message": ...}` with a stable machine code.
 //!
-//! The ledger reads are not yet behind a login (operators and roles arrive with the cards
-//! issue), so `serve` binds to 127.0.0.1 by default.
+//! Every `/api/v1` route except `POST /api/v1/login` needs a session token
+//! (`Authorization: Bearer <token>`): handlers take the [`CurrentActor`] extractor and check
+//! the permission they need (`actor.require(Permission::...)?`), or call a use case that
+//! checks it. `/healthz` is open. See [`auth`] for the login and operator routes.
+//!
+//! To add routes, give them a function like [`auth::routes`] returning `Router<App>` and
+//! merge it in [`router`].
+
+pub mod auth;
+pub mod desk;
 
 use std::future::Future;
+use std::net::SocketAddr;
 
-use app::App;
+pub use auth::{ClientSource, CurrentActor};
+
+use app::{App, AppError, Permission};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -33,6 +44,8 @@ pub fn router(app: App) -> Router {
         .route("/api/v1/accounts/{id}", get(get_account))
         .route("/api/v1/accounts/{id}/transfers", get(account_transfers))
         .route("/api/v1/transfers/{id}", get(get_transfer))
+        .merge(auth::routes())
+        .merge(desk::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_timeout))
         .with_state(app)
@@ -60,7 +73,9 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(app))
+    // Connection info gives handlers the client's address (the actor's source).
+    let service = router(app).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
@@ -75,6 +90,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
     fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -104,13 +127,39 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// Use-case errors as HTTP: the status says the class, `code` the reason.
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> ApiError {
+        let status = match &e {
+            AppError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Conflict { .. } => StatusCode::CONFLICT,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        match e {
+            AppError::Unexpected(cause) => ApiError::from(cause),
+            e => ApiError::new(status, e.code(), e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(json!({ "code": self.code, "message": self.message })),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -245,8 +294,10 @@ impl Page {
 
 async fn list_accounts(
     State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
     Query(page): Query<Page>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    actor.require(Permission::LedgerRead)?;
     let after = Page::cursor(&page.after, "after", 0)?;
     let rows = app.accounts(after, page.limit()?).await?;
     let next = rows.last().map(|r| r.account.id.get());
@@ -256,8 +307,10 @@ async fn list_accounts(
 
 async fn get_account(
     State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
     Path(id): Path<String>,
 ) -> Result<Json<AccountJson>, ApiError> {
+    actor.require(Permission::LedgerRead)?;
     let id = account_id(&id)?;
     let row = app
         .account(id)
@@ -268,9 +321,11 @@ async fn get_account(
 
 async fn account_transfers(
     State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
     Path(id): Path<String>,
     Query(page): Query<Page>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    actor.require(Permission::LedgerRead)?;
     let id = account_id(&id)?;
     let before = match &page.before {
         None => None,
@@ -288,8 +343,10 @@ async fn account_transfers(
 
 async fn get_transfer(
     State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
     Path(id): Path<String>,
 ) -> Result<Json<TransferJson>, ApiError> {
+    actor.require(Permission::LedgerRead)?;
     let id: TransferId = id.parse().map_err(|e: ledger::ParseIdError| {
         ApiError::bad_request("invalid_transfer_id", e.to_string())
     })?;

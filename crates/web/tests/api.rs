@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use app::{App, ManualClock};
+use app::operators::{self, NewOperator, Password};
+use app::{Actor, App, ManualClock, Role};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ledger::{AccountKind, Fen, Timestamp, Transfer, TransferId, TransferKind};
@@ -19,9 +20,30 @@ async fn app() -> (App, tempfile::TempDir) {
     )
 }
 
-async fn get(app: &App, uri: &str) -> (StatusCode, serde_json::Value) {
+/// A session of a finance operator (finance may read the ledger).
+async fn token(app: &App) -> String {
+    let new = NewOperator {
+        username: "fin".into(),
+        display_name: None,
+        role: Role::Finance,
+        merchant_account: None,
+        password: Password::new("finance password"),
+    };
+    operators::create(app, &Actor::cli(), new).await.unwrap();
+    operators::login(app, "fin", &Password::new("finance password"), "test")
+        .await
+        .unwrap()
+        .token
+}
+
+async fn get(app: &App, token: &str, uri: &str) -> (StatusCode, serde_json::Value) {
     let response = web::router(app.clone())
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = response.status();
@@ -34,6 +56,11 @@ async fn get(app: &App, uri: &str) -> (StatusCode, serde_json::Value) {
 #[tokio::test]
 async fn ledger_reads_and_their_errors() {
     let (app, _dir) = app().await;
+    let token = token(&app).await;
+    let get = |uri: String| {
+        let (app, token) = (app.clone(), token.clone());
+        async move { get(&app, &token, &uri).await }
+    };
     let bank = app
         .create_account(AccountKind::BankClearing, Some("bank:x"))
         .await
@@ -69,17 +96,17 @@ async fn ledger_reads_and_their_errors() {
             .all(|o| o.is_ok())
     );
 
-    let (s, health) = get(&app, "/healthz").await;
+    let (s, health) = get("/healthz".into()).await;
     assert_eq!(
         (
             s,
             health["database"].as_str(),
             health["schema_version"].as_i64()
         ),
-        (StatusCode::OK, Some("sqlite"), Some(2))
+        (StatusCode::OK, Some("sqlite"), Some(3))
     );
 
-    let (s, a) = get(&app, &format!("/api/v1/accounts/{}", alice.account.id)).await;
+    let (s, a) = get(format!("/api/v1/accounts/{}", alice.account.id)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(a["kind"], "cardholder_online");
     assert_eq!(
@@ -87,16 +114,12 @@ async fn ledger_reads_and_their_errors() {
         (Some(2_500), Some(2_000))
     );
 
-    let (s, list) = get(&app, "/api/v1/accounts?limit=1").await;
+    let (s, list) = get("/api/v1/accounts?limit=1".into()).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(list["accounts"].as_array().unwrap().len(), 1);
     assert_eq!(list["next_after"], bank.account.id.get());
 
-    let (s, h) = get(
-        &app,
-        &format!("/api/v1/accounts/{}/transfers", alice.account.id),
-    )
-    .await;
+    let (s, h) = get(format!("/api/v1/accounts/{}/transfers", alice.account.id)).await;
     assert_eq!(s, StatusCode::OK);
     let kinds: Vec<&str> = h["transfers"]
         .as_array()
@@ -106,7 +129,7 @@ async fn ledger_reads_and_their_errors() {
         .collect();
     assert_eq!(kinds, vec!["pending", "single"], "newest first");
 
-    let (s, t) = get(&app, &format!("/api/v1/transfers/{id}")).await;
+    let (s, t) = get(format!("/api/v1/transfers/{id}")).await;
     assert_eq!(
         (s, t["amount_fen"].as_i64(), t["result"].as_str()),
         (StatusCode::OK, Some(2_500), Some("applied"))
@@ -156,7 +179,7 @@ async fn ledger_reads_and_their_errors() {
         ),
         ("/api/v1/nothing", StatusCode::NOT_FOUND, "not_found"),
     ] {
-        let (s, body) = get(&app, uri).await;
+        let (s, body) = get(uri.into()).await;
         assert_eq!((s, body["code"].as_str()), (status, Some(code)), "{uri}");
         assert!(!body["message"].as_str().unwrap().is_empty(), "{uri}");
     }

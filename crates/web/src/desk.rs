@@ -1,0 +1,402 @@
+//! The card desk's JSON API: cardholders (with CSV import), cards and their lifecycle, the
+//! blacklist, card stock, the online account (top-up, refund, third-party payment) and the
+//! audit log. Handlers parse, call the use case with the caller's [`Actor`], and shape JSON;
+//! the use case checks the permission (403) and the rules.
+
+use app::cardholders::{self, CardholderPatch, ImportOptions, NewCardholder, Search};
+use app::cards::{self, IssueRequest, ReplaceRequest};
+use app::online::{self, PaymentRequest};
+use app::{App, audit, stock};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::ApiError;
+use crate::CurrentActor;
+
+/// A JSON body whose errors are JSON too (`invalid_json`, with what serde said and where).
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::bad_request("invalid_json", e.body_text())),
+        }
+    }
+}
+
+/// A JSON body that may be left out (then every field takes its default).
+fn optional_body<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+/// Query strings, with JSON errors.
+#[derive(Debug)]
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Params(v)),
+            Err(e) => Err(ApiError::bad_request("invalid_query", e.body_text())),
+        }
+    }
+}
+
+/// The `Idempotency-Key` header, required where money moves on a third party's request.
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let value = headers.get("idempotency-key").ok_or_else(|| {
+        ApiError::bad_request(
+            "idempotency_key_required",
+            "this request moves money: send an Idempotency-Key header (1 to 64 printable \
+             ASCII characters) and the same key when you retry",
+        )
+    })?;
+    value.to_str().map(str::to_owned).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "the Idempotency-Key header must be printable ASCII",
+        )
+    })
+}
+
+/// The desk's routes, merged into the router under `/api/v1`.
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route(
+            "/api/v1/cardholders",
+            get(search_cardholders).post(create_cardholder),
+        )
+        .route(
+            "/api/v1/cardholders/import",
+            post(import_cardholders).layer(DefaultBodyLimit::max(cardholders::IMPORT_BYTES_MAX)),
+        )
+        .route(
+            "/api/v1/cardholders/{id}",
+            get(get_cardholder).patch(edit_cardholder),
+        )
+        .route("/api/v1/cardholders/{id}/cards", get(cardholder_cards))
+        .route("/api/v1/cardholders/{id}/history", get(cardholder_history))
+        .route("/api/v1/cardholders/{id}/top-up", post(top_up))
+        .route("/api/v1/cardholders/{id}/refund", post(refund))
+        .route("/api/v1/cards", post(issue_card))
+        .route("/api/v1/cards/by-asn/{asn}", get(card_by_asn))
+        .route("/api/v1/cards/{id}", get(get_card))
+        .route("/api/v1/cards/{id}/events", get(card_events))
+        .route("/api/v1/cards/{id}/loss", post(report_loss))
+        .route("/api/v1/cards/{id}/unlock", post(unlock))
+        .route("/api/v1/cards/{id}/freeze", post(freeze))
+        .route("/api/v1/cards/{id}/unfreeze", post(unfreeze))
+        .route("/api/v1/cards/{id}/replace", post(replace))
+        .route("/api/v1/cards/{id}/cancel", post(cancel))
+        .route("/api/v1/blacklist", get(blacklist))
+        .route("/api/v1/stock", get(stock_counts))
+        .route("/api/v1/stock/movements", get(stock_movements))
+        .route("/api/v1/stock/receive", post(stock_receive))
+        .route("/api/v1/stock/initialise", post(stock_initialise))
+        .route("/api/v1/stock/void", post(stock_void))
+        .route("/api/v1/payments", post(pay))
+        .route("/api/v1/audit", get(audit_list))
+        .route("/api/v1/audit/verify", get(audit_verify))
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn ok<T: serde::Serialize>(v: T) -> ApiResult {
+    Ok(Json(serde_json::to_value(v).map_err(anyhow::Error::from)?))
+}
+
+async fn search_cardholders(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(s): Params<Search>,
+) -> ApiResult {
+    ok(cardholders::search(&app, &actor, &s).await?)
+}
+
+async fn create_cardholder(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Body(new): Body<NewCardholder>,
+) -> ApiResult {
+    ok(cardholders::create(&app, &actor, new).await?)
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    #[serde(default)]
+    issue_cards: bool,
+}
+
+async fn import_cardholders(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(q): Params<ImportQuery>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let options = ImportOptions {
+        issue_cards: q.issue_cards,
+        progress: None,
+    };
+    ok(cardholders::import_csv(&app, &actor, &body, options).await?)
+}
+
+async fn get_cardholder(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cardholders::get(&app, &actor, id).await?)
+}
+
+async fn edit_cardholder(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+    Body(patch): Body<CardholderPatch>,
+) -> ApiResult {
+    ok(cardholders::edit(&app, &actor, id, patch).await?)
+}
+
+async fn cardholder_cards(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    cardholders::get(&app, &actor, id).await?;
+    ok(cards::of_cardholder(&app, &actor, id).await?)
+}
+
+#[derive(Deserialize)]
+struct Page {
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn cardholder_history(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+    Params(p): Params<Page>,
+) -> ApiResult {
+    ok(cards::cardholder_history(&app, &actor, id, p.before, p.limit.unwrap_or(50)).await?)
+}
+
+#[derive(Deserialize)]
+struct Amount {
+    amount_fen: i64,
+}
+
+async fn top_up(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    Body(a): Body<Amount>,
+) -> ApiResult {
+    let key = idempotency_key(&headers)?;
+    ok(online::cash_top_up(&app, &actor, &key, id, a.amount_fen).await?)
+}
+
+async fn refund(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    Body(a): Body<Amount>,
+) -> ApiResult {
+    let key = idempotency_key(&headers)?;
+    ok(online::refund(&app, &actor, &key, id, a.amount_fen).await?)
+}
+
+async fn pay(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    headers: HeaderMap,
+    Body(req): Body<PaymentRequest>,
+) -> ApiResult {
+    let key = idempotency_key(&headers)?;
+    ok(online::pay(&app, &actor, &key, req).await?)
+}
+
+async fn issue_card(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Body(req): Body<IssueRequest>,
+) -> ApiResult {
+    ok(cards::issue(&app, &actor, req).await?)
+}
+
+async fn get_card(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cards::get(&app, &actor, id).await?)
+}
+
+async fn card_by_asn(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(asn): Path<String>,
+) -> ApiResult {
+    ok(cards::by_asn(&app, &actor, &asn).await?)
+}
+
+async fn card_events(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cards::events(&app, &actor, id).await?)
+}
+
+async fn report_loss(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cards::report_loss(&app, &actor, id).await?)
+}
+
+async fn unlock(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cards::unlock(&app, &actor, id).await?)
+}
+
+#[derive(Deserialize, Default)]
+struct Reason {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn freeze(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let reason = optional_body::<Reason>(&body)?.reason;
+    ok(cards::freeze(&app, &actor, id, &reason).await?)
+}
+
+async fn unfreeze(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cards::unfreeze(&app, &actor, id).await?)
+}
+
+async fn replace(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let req = optional_body::<ReplaceRequest>(&body)?;
+    ok(cards::replace(&app, &actor, id, req).await?)
+}
+
+async fn cancel(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(id): Path<i64>,
+) -> ApiResult {
+    ok(cards::cancel(&app, &actor, id).await?)
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: i64,
+}
+
+async fn blacklist(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(s): Params<Since>,
+) -> ApiResult {
+    ok(cards::blacklist_since(&app, &actor, s.since).await?)
+}
+
+async fn stock_counts(State(app): State<App>, CurrentActor(actor): CurrentActor) -> ApiResult {
+    ok(stock::counts(&app, &actor).await?)
+}
+
+async fn stock_movements(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(p): Params<Page>,
+) -> ApiResult {
+    ok(stock::movements(&app, &actor, p.before, p.limit.unwrap_or(50)).await?)
+}
+
+#[derive(Deserialize)]
+struct StockRange {
+    first: String,
+    count: u64,
+    #[serde(default)]
+    batch: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn stock_receive(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Body(r): Body<StockRange>,
+) -> ApiResult {
+    ok(stock::receive(&app, &actor, &r.first, r.count, &r.batch).await?)
+}
+
+async fn stock_initialise(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Body(r): Body<StockRange>,
+) -> ApiResult {
+    ok(stock::initialise(&app, &actor, &r.first, r.count).await?)
+}
+
+async fn stock_void(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Body(r): Body<StockRange>,
+) -> ApiResult {
+    ok(stock::void(&app, &actor, &r.first, r.count, &r.reason).await?)
+}
+
+async fn audit_list(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(f): Params<audit::AuditFilter>,
+) -> ApiResult {
+    ok(audit::list(app.store(), &actor, &f).await?)
+}
+
+async fn audit_verify(State(app): State<App>, CurrentActor(actor): CurrentActor) -> ApiResult {
+    actor.require(app::Permission::AuditRead)?;
+    let check = audit::verify(app.store()).await?;
+    Ok(Json(
+        json!({ "rows": check.rows, "ok": check.is_ok(), "problems": check.problems }),
+    ))
+}
