@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod desk;
+pub mod openapi;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/api/v1/openapi.json", get(openapi_document))
         .route("/api/v1/accounts", get(list_accounts))
         .route("/api/v1/accounts/{id}", get(get_account))
         .route("/api/v1/accounts/{id}/transfers", get(account_transfers))
@@ -161,6 +163,10 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+async fn openapi_document() -> Json<serde_json::Value> {
+    Json(openapi::document())
 }
 
 async fn not_found() -> ApiError {
