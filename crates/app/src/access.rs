@@ -155,7 +155,10 @@ pub struct Actor {
 impl Actor {
     /// The local command line, acting as an administrator.
     pub fn cli() -> Actor {
-        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        let user = ["USER", "LOGNAME"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "unknown".into());
         Actor {
             operator_id: None,
             name: format!("cli:{user}"),

@@ -294,8 +294,31 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
             }
         }
     }
+    // Operators for every role, so that the API and its roles can be tried at once.
+    for (username, role) in DEMO_OPERATORS {
+        let new = crate::operators::NewOperator {
+            username: username.to_owned(),
+            display_name: None,
+            role,
+            merchant_account: (role == Role::MerchantOperator).then_some(merchants[4]),
+            password: crate::operators::Password::new(DEMO_PASSWORD),
+        };
+        crate::operators::create(app, &Actor::cli(), new).await?;
+    }
     Ok(summary)
 }
+
+/// The demo's operators, one per role; they share [`DEMO_PASSWORD`].
+pub const DEMO_OPERATORS: [(&str, Role); 5] = [
+    ("admin", Role::Administrator),
+    ("desk", Role::CardDesk),
+    ("finance", Role::Finance),
+    ("auditor", Role::Auditor),
+    ("library", Role::MerchantOperator),
+];
+
+/// The demo operators' password. A demo database is for trying onecard, never for money.
+pub const DEMO_PASSWORD: &str = "onecard-demo";
 
 async fn named(app: &App, kind: AccountKind, name: &str) -> anyhow::Result<AccountId> {
     if let Some(a) = app.store().account_by_name(name).await? {

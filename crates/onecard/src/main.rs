@@ -20,8 +20,11 @@ use store::{DatabaseUrl, Store, StoreOptions};
 
 /// How often `serve` releases expired holds.
 const HOLD_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// How often `serve` moves the purse balance of replaced and cancelled cards past their
+/// waiting period to the online account.
+const PURSE_SETTLE_INTERVAL_MS: u64 = 60_000;
 /// Cardholders the demo creates by default.
-const DEMO_CARDHOLDERS_DEFAULT: usize = 2_000;
+const DEMO_CARDHOLDERS_DEFAULT: usize = 3_000;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -441,6 +444,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     summary.transfers,
                     started.elapsed().as_secs_f64()
                 );
+                println!(
+                    "operators {} log in with the password {:?} (POST /api/v1/login)",
+                    app::demo::DEMO_OPERATORS.map(|(u, _)| u).join(", "),
+                    app::demo::DEMO_PASSWORD
+                );
             } else {
                 println!("demo campus already present in {}", config.database_url);
             }
@@ -534,11 +542,24 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
             }
         }
     });
+    let settler = app.clone();
+    let settle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(PURSE_SETTLE_INTERVAL_MS));
+        loop {
+            tick.tick().await;
+            match app::cards::settle_purses(&settler, &app::Actor::system()).await {
+                Ok(r) if r.cards == 0 => {}
+                Ok(r) => tracing::info!(cards = r.cards, moved_fen = r.moved_fen, "purses settled"),
+                Err(e) => tracing::warn!(error = ?e, "settling purses failed; will retry"),
+            }
+        }
+    });
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     let result = web::serve(listener, app, shutdown).await;
     sweep.abort();
+    settle.abort();
     result
 }
 
