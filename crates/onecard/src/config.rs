@@ -38,6 +38,18 @@ struct FileConfig {
     kek_file: Option<PathBuf>,
     log: Option<String>,
     http: Option<HttpFile>,
+    cards: Option<CardsFile>,
+}
+
+/// `[cards]`: the card desk's policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CardsFile {
+    deposit_fen: Option<i64>,
+    valid_days: Option<u32>,
+    replacement_fee_fen: Option<i64>,
+    /// Days a replaced or cancelled card's purse balance waits for the card's last records.
+    purse_wait_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +69,7 @@ pub struct Config {
     /// default: without one, commands that need master keys refuse to run.
     pub kek_file: Option<PathBuf>,
     pub kek_env: Option<secrecy::SecretString>,
+    pub card_policy: app::CardPolicy,
 }
 
 /// Values given on the command line, which win over everything else.
@@ -132,6 +145,34 @@ impl Config {
             .unwrap_or_else(|| "info".to_owned());
         let kek_file = env("ONECARD_KEK_FILE").map(PathBuf::from).or(file.kek_file);
         let kek_env = env("ONECARD_KEK").map(secrecy::SecretString::from);
+        let mut card_policy = app::CardPolicy::default();
+        if let Some(c) = file.cards {
+            let fen = |name: &str, v: i64| {
+                anyhow::ensure!(
+                    (0..=app::cards::DEPOSIT_FEN_MAX).contains(&v),
+                    "[cards] {name} = {v} must be 0 to {} fen",
+                    app::cards::DEPOSIT_FEN_MAX
+                );
+                Ok(v)
+            };
+            if let Some(v) = c.deposit_fen {
+                card_policy.deposit_fen = fen("deposit_fen", v)?;
+            }
+            if let Some(v) = c.replacement_fee_fen {
+                card_policy.replacement_fee_fen = fen("replacement_fee_fen", v)?;
+            }
+            if let Some(v) = c.valid_days {
+                anyhow::ensure!(
+                    (1..=36_500).contains(&v),
+                    "[cards] valid_days = {v} must be 1 to 36500"
+                );
+                card_policy.valid_days = v;
+            }
+            if let Some(v) = c.purse_wait_days {
+                anyhow::ensure!(v <= 365, "[cards] purse_wait_days = {v} must be 0 to 365");
+                card_policy.purse_wait_ms = i64::from(v) * 86_400_000;
+            }
+        }
         Ok(Config {
             data_dir,
             database_url,
@@ -139,6 +180,7 @@ impl Config {
             log_filter,
             kek_file,
             kek_env,
+            card_policy,
         })
     }
 }
@@ -161,6 +203,30 @@ mod tests {
             .collect();
         let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         Config::load_from(over, get, vars.iter().map(|(k, _)| k.clone()))
+    }
+
+    #[test]
+    fn the_card_policy_comes_from_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let over = || Overrides {
+            config_file: Some(file.clone()),
+            ..Overrides::default()
+        };
+        std::fs::write(&file, "[cards]\ndeposit_fen = 3000\npurse_wait_days = 3\n").unwrap();
+        let c = load(over(), &[]).unwrap();
+        assert_eq!(c.card_policy.deposit_fen, 3_000);
+        assert_eq!(c.card_policy.purse_wait_ms, 3 * 86_400_000);
+        assert_eq!(
+            c.card_policy.replacement_fee_fen,
+            app::CardPolicy::default().replacement_fee_fen
+        );
+        std::fs::write(&file, "[cards]\ndeposit_fen = -1\n").unwrap();
+        let e = load(over(), &[]).unwrap_err().to_string();
+        assert!(e.contains("deposit_fen = -1"), "{e}");
+        std::fs::write(&file, "[cards]\ndeposit = 1\n").unwrap();
+        let e = load(over(), &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

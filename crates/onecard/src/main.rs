@@ -374,7 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::ExpireHolds => {
-            let app = app(open(&config, false).await?);
+            let app = app(&config, open(&config, false).await?);
             let mut total = 0;
             loop {
                 let n = app.expire_holds().await?;
@@ -424,7 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(_) => {
             let store = open(&config, true).await?;
-            serve(&config, app(store)).await?;
+            serve(&config, app(&config, store)).await?;
         }
         Command::Demo {
             cardholders,
@@ -432,7 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => {
             let store = open(&config, true).await?;
-            let app = app(store);
+            let app = app(&config, store);
             let started = std::time::Instant::now();
             let summary = app::demo::seed(&app, cardholders).await?;
             if summary.created {
@@ -463,19 +463,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
         Command::Cardholder(cmd) => {
-            desk_cli::cardholder(&app(open(&config, false).await?), cmd).await?
+            desk_cli::cardholder(&app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Stock(cmd) => {
-            desk_cli::stock_command(&app(open(&config, false).await?), cmd).await?
+            desk_cli::stock_command(&app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Online(cmd) => {
-            desk_cli::online_command(&app(open(&config, false).await?), cmd).await?
+            desk_cli::online_command(&app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Blacklist { since, json } => {
-            desk_cli::blacklist(&app(open(&config, false).await?), since, json).await?
+            desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
         }
         Command::Audit(cmd) => {
-            if !desk_cli::audit_command(&app(open(&config, false).await?), cmd).await? {
+            if !desk_cli::audit_command(&app(&config, open(&config, false).await?), cmd).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -493,8 +493,8 @@ fn init_logging(filter: &str) {
         .try_init();
 }
 
-fn app(store: Store) -> App {
-    App::new(store, Arc::new(SystemClock))
+fn app(config: &Config, store: Store) -> App {
+    App::new(store, Arc::new(SystemClock)).with_policy(config.card_policy.clone())
 }
 
 /// Opens the configured database. With `create`, a missing SQLite data directory is made;
@@ -603,7 +603,9 @@ fn read_card(path: &std::path::Path) -> anyhow::Result<card::soft_card::SoftCard
 
 async fn card_command(config: &Config, cmd: CardCommand) -> anyhow::Result<()> {
     match cmd {
-        CardCommand::Desk(cmd) => desk_cli::card(&app(open(config, false).await?), cmd).await?,
+        CardCommand::Desk(cmd) => {
+            desk_cli::card(&app(config, open(config, false).await?), cmd).await?
+        }
         CardCommand::Create {
             file,
             asn,
@@ -791,7 +793,7 @@ async fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
 }
 
 async fn account(config: &Config, cmd: AccountCommand) -> anyhow::Result<ExitCode> {
-    let app = app(open(config, false).await?);
+    let app = app(config, open(config, false).await?);
     let status_change = |id, status| (id, status);
     let (id, status) = match cmd {
         AccountCommand::Create { kind, name } => {
@@ -862,7 +864,7 @@ async fn account(config: &Config, cmd: AccountCommand) -> anyhow::Result<ExitCod
 }
 
 async fn transfer(config: &Config, cmd: TransferCommand) -> anyhow::Result<ExitCode> {
-    let app = app(open(config, false).await?);
+    let app = app(config, open(config, false).await?);
     match cmd {
         TransferCommand::Create {
             id,

@@ -114,7 +114,7 @@ fn describe(o: &Operator) -> String {
 }
 
 pub async fn run(config: &Config, cmd: OperatorCommand) -> anyhow::Result<()> {
-    let app = crate::app(crate::open(config, false).await?);
+    let app = crate::app(config, crate::open(config, false).await?);
     let cli = Actor::cli();
     match cmd {
         OperatorCommand::Create {
