@@ -16,6 +16,11 @@
 //! - Cancel refunds the online account's available balance and the deposit in cash and
 //!   schedules the purse like a replacement.
 //!
+//! LOCK ORDER (PostgreSQL; SQLite has one writer): a transaction takes the cardholder row, then
+//! card rows, then stock rows, then ledger accounts (in id order, inside `Tx::submit`), then
+//! `blacklist_head`, then `audit_head`. Every use case posts its transfers before it touches the
+//! blacklist or the audit log, so two transactions never wait for each other in a circle.
+//!
 //! Every status change writes a card event and an audit entry in the same transaction. Every
 //! change terminals must know (a card going on or off the blacklist) takes the next blacklist
 //! version, handed out under one row lock so versions commit in order.
@@ -290,8 +295,13 @@ async fn blacklist(
     Ok(version)
 }
 
+/// The card, locked (PostgreSQL) until the transaction ends.
 async fn card_by_id(tx: &mut Tx<'_>, id: i64) -> AppResult<Card> {
-    let lock = tx.for_update();
+    card_row(tx, id, true).await
+}
+
+async fn card_row(tx: &mut Tx<'_>, id: i64, lock: bool) -> AppResult<Card> {
+    let lock = if lock { tx.for_update() } else { "" };
     let row = tx
         .query_opt(
             &format!("SELECT {COLUMNS} FROM cards WHERE id = $1{lock}"),
@@ -629,8 +639,8 @@ pub async fn replace(
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
-                let old = card_by_id(tx, card_id).await?;
-                // Lock the cardholder first, as issue does.
+                // Find the cardholder without a lock, lock them, then the card (LOCK ORDER).
+                let old = card_row(tx, card_id, false).await?;
                 let holder = cardholders::by_id(tx, old.cardholder_id).await?;
                 let old = card_by_id(tx, old.id).await?;
                 if !old.status.is_live() {
@@ -703,11 +713,6 @@ pub async fn replace(
                     &format!("replacement for {}", old.asn),
                 )
                 .await?;
-                let version = if old.status.blacklisted() {
-                    None
-                } else {
-                    Some(blacklist(tx, &old.asn, true, "replace", now).await?)
-                };
                 let mut money = vec![("deposit_carried".to_owned(), old.deposit_fen)];
                 if fee_fen > 0 {
                     let cash =
@@ -734,6 +739,12 @@ pub async fn replace(
                     .await?;
                     money.push(("fee".to_owned(), fee_fen));
                 }
+                // After the ledger's account locks, before the audit head (LOCK ORDER).
+                let version = if old.status.blacklisted() {
+                    None
+                } else {
+                    Some(blacklist(tx, &old.asn, true, "replace", now).await?)
+                };
                 audit::append(
                     tx,
                     &actor,
@@ -775,7 +786,8 @@ pub async fn cancel(app: &App, actor: &Actor, card_id: i64) -> AppResult<CardCha
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
-                let card = card_by_id(tx, card_id).await?;
+                // Find the cardholder without a lock, lock them, then the card (LOCK ORDER).
+                let card = card_row(tx, card_id, false).await?;
                 let holder = cardholders::by_id(tx, card.cardholder_id).await?;
                 let card = card_by_id(tx, card.id).await?;
                 if !card.status.is_live() {
@@ -918,6 +930,7 @@ pub async fn settle_purses(app: &App, actor: &Actor) -> AppResult<SettleReport> 
                     .await?;
                 let mut report = SettleReport::default();
                 let mut transfers = Vec::new();
+                let mut settled = Vec::new();
                 for r in &due {
                     let (card_id, asn, purse, online, balance) =
                         (r.int(0)?, r.text(1)?, r.int(2)?, r.int(3)?, r.int(4)?);
@@ -936,6 +949,11 @@ pub async fn settle_purses(app: &App, actor: &Actor) -> AppResult<SettleReport> 
                         ));
                         report.moved_fen += balance;
                     }
+                    settled.push((card_id, asn, balance.max(0)));
+                }
+                // The ledger's account locks before the audit head (LOCK ORDER).
+                crate::post_all(tx, &transfers, now).await?;
+                for (card_id, asn, moved) in settled {
                     tx.execute(
                         "UPDATE cards SET purse_settled_at = $1 WHERE id = $2",
                         params![now.0, card_id],
@@ -947,12 +965,11 @@ pub async fn settle_purses(app: &App, actor: &Actor) -> AppResult<SettleReport> 
                         now.0,
                         "card.purse_settle",
                         &format!("card:{asn}"),
-                        &serde_json::json!({ "moved_to_online_fen": balance.max(0) }).to_string(),
+                        &serde_json::json!({ "moved_to_online_fen": moved }).to_string(),
                     )
                     .await?;
                     report.cards += 1;
                 }
-                crate::post_all(tx, &transfers, now).await?;
                 Ok(report)
             })
         })

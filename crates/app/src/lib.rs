@@ -252,21 +252,27 @@ pub(crate) async fn named_account(
         )
         .await?
     {
-        Some(row) => {
-            anyhow::ensure!(
-                row.int(1)? == i64::from(kind.code()),
-                "the account named {name:?} is not of kind {kind:?}"
-            );
-            row
-        }
+        Some(row) => row,
         None => {
-            tx.query_one(
-                "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) RETURNING id",
+            // Another transaction may be creating it at this moment: let its insert win.
+            tx.execute(
+                "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
                 store::params![i64::from(kind.code()), name, now.0],
+            )
+            .await?;
+            tx.query_one(
+                "SELECT id, kind FROM accounts WHERE name = $1",
+                store::params![name],
             )
             .await?
         }
     };
+    anyhow::ensure!(
+        row.int(1)? == i64::from(kind.code()),
+        "the account named {name:?} is not of kind {}",
+        kind.name()
+    );
     AccountId::new(row.int(0)?).ok_or_else(|| anyhow::anyhow!("account {name:?} has an invalid id"))
 }
 

@@ -162,6 +162,7 @@ async fn remember(
     Ok(())
 }
 
+#[derive(Clone)]
 enum Movement {
     TopUp,
     Refund,
@@ -185,9 +186,32 @@ async fn run(
     check_key(key)?;
     check_amount(amount_fen)?;
     let hash = fingerprint(operation, &body);
+    // Two requests with one key at the same moment (PostgreSQL): both find no stored answer,
+    // one commits, the other fails on the key's primary key and rolls back whole. Once more,
+    // it finds the first one's answer.
+    match attempt(app, actor, key, &hash, &cardholder, amount_fen, &movement).await {
+        Err(AppError::Unexpected(e)) if store::is_unique_violation(&e) => {
+            attempt(app, actor, key, &hash, &cardholder, amount_fen, &movement).await
+        }
+        other => other,
+    }
+}
+
+async fn attempt(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    hash: &[u8],
+    cardholder: &Who,
+    amount_fen: i64,
+    movement: &Movement,
+) -> AppResult<Receipt> {
     let now = app.now();
     let actor = actor.clone();
     let key = key.to_owned();
+    let hash = hash.to_vec();
+    let cardholder = cardholder.clone();
+    let movement = movement.clone();
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
@@ -236,6 +260,7 @@ async fn run(
 }
 
 /// Whom a request names.
+#[derive(Clone)]
 enum Who {
     Id(i64),
     Asn(String),

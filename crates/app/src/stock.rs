@@ -412,7 +412,8 @@ pub async fn void(
 /// Takes up to `n` initialised cards, lowest ASN first, and marks them issued. The caller
 /// logs the movement.
 pub(crate) async fn take_initialised(tx: &mut Tx<'_>, n: usize) -> anyhow::Result<Vec<String>> {
-    let lock = tx.for_update();
+    // Cards another transaction is taking are skipped, not waited for (and then missed).
+    let lock = tx.for_update_skip_locked();
     let asns: Vec<String> = tx
         .query(
             &format!("SELECT asn FROM card_stock WHERE state = $1 ORDER BY asn LIMIT $2{lock}"),

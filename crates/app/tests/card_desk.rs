@@ -438,3 +438,65 @@ conformance! {
         assert!(check.problems.iter().any(|p| p.contains("head says the last row is 5")), "{:?}", check.problems);
     }
 }
+
+conformance! {
+    async fn concurrent_desks_neither_double_post_nor_lose_a_card(db) {
+        let (app, _) = app(db);
+        let a = desk();
+        stocked(&app, "10000000000000000001", 20).await;
+        let mut holders = Vec::new();
+        for i in 0..10 {
+            holders.push(cardholders::create(&app, &a, student(&format!("S{i}"), "x")).await.unwrap());
+        }
+        // Ten desks issue at once: each takes a different card, none finds the stock empty.
+        let mut tasks = Vec::new();
+        for h in &holders {
+            let (app, a, id) = (app.clone(), a.clone(), h.id);
+            tasks.push(tokio::spawn(async move {
+                cards::issue(&app, &a, IssueRequest { cardholder_id: id, ..Default::default() }).await
+            }));
+        }
+        let mut asns = Vec::new();
+        for t in tasks {
+            asns.push(t.await.unwrap().unwrap().asn);
+        }
+        asns.sort();
+        asns.dedup();
+        assert_eq!(asns.len(), 10);
+        // The same top-up sent eight times at once posts once; every sender gets its receipt.
+        let h = holders[0].id;
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (app, a) = (app.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                online::cash_top_up(&app, &a, "same-key", h, 700).await
+            }));
+        }
+        let mut receipts = Vec::new();
+        for t in tasks {
+            receipts.push(t.await.unwrap().unwrap());
+        }
+        assert!(receipts.windows(2).all(|w| w[0] == w[1]), "{receipts:?}");
+        assert_eq!(balance(&app, holders[0].online_account).await, 700);
+        // Replacements and cancellations racing on different cards keep the books balanced.
+        let mut tasks = Vec::new();
+        for (i, h) in holders.iter().enumerate().skip(1) {
+            let (app, a, id) = (app.clone(), a.clone(), h.id);
+            tasks.push(tokio::spawn(async move {
+                let card = cards::of_cardholder(&app, &a, id).await.unwrap().pop().unwrap();
+                if i % 2 == 0 {
+                    cards::replace(&app, &a, card.id, ReplaceRequest::default()).await.map(|_| ())
+                } else {
+                    cards::cancel(&app, &a, card.id).await.map(|_| ())
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let delta = cards::blacklist_since(&app, &a, 0).await.unwrap();
+        assert_eq!(delta.version, 9);
+        assert_eq!(delta.changes.iter().map(|c| c.version).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+        assert_books_balance(&app).await;
+    }
+}

@@ -198,6 +198,15 @@ impl Tx<'_> {
         }
     }
 
+    /// `" FOR UPDATE SKIP LOCKED"` on PostgreSQL: for taking "any free row" (the next card in
+    /// stock) without two transactions picking the same one and one of them finding none.
+    pub fn for_update_skip_locked(&self) -> &'static str {
+        match self {
+            Tx::Sqlite(_) => "",
+            Tx::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
     /// Applies transfers inside this transaction, with the same rules and answers as
     /// [`Store::submit`](crate::Store::submit). Business rejections are stored with the
     /// transaction: if it rolls back, they are gone too.
