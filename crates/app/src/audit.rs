@@ -110,6 +110,12 @@ impl AuditCheck {
 
 /// Recomputes the whole chain and compares the head.
 pub async fn verify(store: &Store) -> anyhow::Result<AuditCheck> {
+    // The head first: rows appended while we read are after it and checked next time.
+    let head = store
+        .query_opt("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("audit_head has no row"))?;
+    let (head_seq, head_hash) = (head.int(0)?, head.blob(1)?);
     let mut check = AuditCheck::default();
     let mut prev = vec![0u8; 32];
     let mut expected_seq = 1;
@@ -117,8 +123,8 @@ pub async fn verify(store: &Store) -> anyhow::Result<AuditCheck> {
         let rows = store
             .query(
                 "SELECT seq, at, actor, source, action, target, summary, hash FROM audit_log \
-                 WHERE seq >= $1 ORDER BY seq LIMIT $2",
-                params![expected_seq, VERIFY_PAGE_ROWS],
+                 WHERE seq >= $1 AND seq <= $3 ORDER BY seq LIMIT $2",
+                params![expected_seq, VERIFY_PAGE_ROWS, head_seq],
             )
             .await?;
         if rows.is_empty() {
@@ -149,16 +155,29 @@ pub async fn verify(store: &Store) -> anyhow::Result<AuditCheck> {
             check.rows += 1;
         }
     }
-    let head = store
-        .query_opt("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("audit_head has no row"))?;
-    let (head_seq, head_hash) = (head.int(0)?, head.blob(1)?);
     if head_seq != expected_seq - 1 || head_hash != prev {
         check.problems.push(format!(
             "the head says the last row is {head_seq}, but the log ends at row {}: rows were \
              deleted or added outside onecard",
             expected_seq - 1
+        ));
+    }
+    // Rows past the head that onecard did not put there: the head is read again, since
+    // onecard may have appended meanwhile.
+    let now_head = store
+        .query_opt("SELECT seq FROM audit_head WHERE id = 1", &[])
+        .await?
+        .map_or(Ok(head_seq), |r| r.int(0))?;
+    let beyond = store
+        .query_opt(
+            "SELECT count(*) FROM audit_log WHERE seq > $1",
+            params![now_head],
+        )
+        .await?
+        .map_or(Ok(0), |r| r.int(0))?;
+    if beyond > 0 {
+        check.problems.push(format!(
+            "{beyond} rows lie after the head (row {now_head}): they were added outside onecard"
         ));
     }
     Ok(check)

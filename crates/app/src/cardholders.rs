@@ -301,7 +301,17 @@ pub async fn create(app: &App, actor: &Actor, new: NewCardholder) -> AppResult<C
                     ));
                 }
                 let online = crate::open_account(tx, AccountKind::CardholderOnline, now).await?;
-                let id = insert(tx, &new, online, now.0).await?;
+                let id = match insert(tx, &new, online, now.0).await {
+                    Ok(id) => id,
+                    // Created by another desk between our check and our insert.
+                    Err(e) if store::is_unique_violation(&e) => {
+                        return Err(AppError::conflict(
+                            "cardholder_exists",
+                            format!("a cardholder numbered {:?} exists already", new.number),
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 audit::append(
                     tx,
                     &actor,
@@ -379,11 +389,18 @@ pub async fn edit(
                 )
                 .await?;
                 let (b, a) = (summary(&before), summary(&after));
+                // Compared whole, shown masked: a change in the masked middle of an identity
+                // number still shows as a change.
+                let raw_changed = |k: &str| match k {
+                    "id_number" => before.id_number != after.id_number,
+                    "phone" => before.phone != after.phone,
+                    _ => b.get(k) != a.get(k),
+                };
                 let changed: serde_json::Map<String, serde_json::Value> = a
                     .as_object()
                     .into_iter()
                     .flatten()
-                    .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                    .filter(|(k, _)| raw_changed(k))
                     .map(|(k, v)| {
                         (
                             k.clone(),
@@ -784,11 +801,17 @@ pub async fn import_csv(
                     None
                 };
                 let mut transfers = Vec::new();
+                // The ids created, as ranges of consecutive ids, for the audit entry.
+                let mut created: Vec<(i64, i64)> = Vec::new();
                 for (i, r) in fresh.iter().enumerate() {
                     let online =
                         crate::open_account(tx, AccountKind::CardholderOnline, now).await?;
                     let id = insert(tx, &r.new, online, now.0).await?;
                     report.first_id.get_or_insert(id);
+                    match created.last_mut() {
+                        Some((_, last)) if *last + 1 == id => *last = id,
+                        _ => created.push((id, id)),
+                    }
                     report.imported += 1;
                     if let Some(terms) = &issue {
                         cards::insert_issued(tx, &actor, id, &asns[i], terms, now).await?;
@@ -833,7 +856,7 @@ pub async fn import_csv(
                         "imported": report.imported,
                         "cards_issued": report.cards_issued,
                         "invalid": report.errors.len(),
-                        "first_id": report.first_id,
+                        "cardholder_ids": created,
                         "file_sha256": file_sha256,
                     })
                     .to_string(),

@@ -355,6 +355,10 @@ pub struct CardChange {
 pub async fn issue(app: &App, actor: &Actor, req: IssueRequest) -> AppResult<Card> {
     actor.require(Permission::CardsWrite)?;
     let deposit_fen = req.deposit_fen.unwrap_or(app.policy().deposit_fen);
+    if deposit_fen > 0 {
+        // The deposit is cash taken at the desk.
+        actor.require(Permission::CashDesk)?;
+    }
     if !(0..=DEPOSIT_FEN_MAX).contains(&deposit_fen) {
         return Err(AppError::invalid(
             "invalid_amount",
@@ -624,6 +628,10 @@ pub async fn replace(
 ) -> AppResult<CardChange> {
     actor.require(Permission::CardsWrite)?;
     let fee_fen = req.fee_fen.unwrap_or(app.policy().replacement_fee_fen);
+    if fee_fen > 0 {
+        // The fee is cash taken at the desk.
+        actor.require(Permission::CashDesk)?;
+    }
     if !(0..=DEPOSIT_FEN_MAX).contains(&fee_fen) {
         return Err(AppError::invalid(
             "invalid_amount",
@@ -643,11 +651,16 @@ pub async fn replace(
                 let old = card_row(tx, card_id, false).await?;
                 let holder = cardholders::by_id(tx, old.cardholder_id).await?;
                 let old = card_by_id(tx, old.id).await?;
-                if !old.status.is_live() {
+                if !matches!(old.status, CardStatus::Active | CardStatus::Lost) {
+                    let why = if old.status == CardStatus::Frozen {
+                        "; a replacement would lift the freeze: unfreeze it first (or cancel it)"
+                    } else {
+                        ""
+                    };
                     return Err(AppError::conflict(
                         "card_status",
                         format!(
-                            "card {} is {}; only an active, lost or frozen card can be replaced",
+                            "card {} is {}; only an active or lost card can be replaced{why}",
                             old.asn,
                             old.status.name()
                         ),
@@ -917,26 +930,61 @@ pub async fn settle_purses(app: &App, actor: &Actor) -> AppResult<SettleReport> 
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
+                // Cards another sweeper is settling are skipped (PostgreSQL).
+                let lock = tx.for_update_skip_locked();
                 let due = tx
                     .query(
-                        "SELECT c.id, c.asn, c.purse_account_id, h.online_account_id, \
-                             a.credits_posted - a.debits_posted - a.debits_pending \
-                             FROM cards c JOIN cardholders h ON h.id = c.cardholder_id \
-                             JOIN accounts a ON a.id = c.purse_account_id \
-                             WHERE c.purse_settle_at IS NOT NULL AND c.purse_settled_at IS NULL \
-                             AND c.purse_settle_at <= $1 ORDER BY c.purse_settle_at LIMIT $2",
+                        &format!(
+                            "SELECT id, asn, purse_account_id, cardholder_id FROM cards \
+                             WHERE purse_settle_at IS NOT NULL AND purse_settled_at IS NULL \
+                             AND purse_settle_at <= $1 ORDER BY purse_settle_at LIMIT $2{lock}"
+                        ),
                         params![now.0, SETTLE_BATCH_MAX],
                     )
                     .await?;
-                let mut report = SettleReport::default();
-                let mut transfers = Vec::new();
-                let mut settled = Vec::new();
+                let mut cards = Vec::with_capacity(due.len());
                 for r in &due {
-                    let (card_id, asn, purse, online, balance) =
-                        (r.int(0)?, r.text(1)?, r.int(2)?, r.int(3)?, r.int(4)?);
+                    let holder = tx
+                        .query_one(
+                            "SELECT online_account_id FROM cardholders WHERE id = $1",
+                            params![r.int(3)?],
+                        )
+                        .await?
+                        .int(0)?;
+                    cards.push((r.int(0)?, r.text(1)?, r.int(2)?, holder));
+                }
+                // Lock every account of the batch in id order (as the ledger's writers do),
+                // then read the purse balances under the locks.
+                let mut ids: Vec<i64> = cards.iter().flat_map(|c| [c.2, c.3]).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let mut balances = std::collections::HashMap::new();
+                for chunk in ids.chunks(500) {
+                    let placeholders: Vec<String> =
+                        (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let values: Vec<store::Value> = chunk.iter().map(|&i| i.into()).collect();
+                    let lock = tx.for_update();
+                    for row in tx
+                        .query(
+                            &format!(
+                                "SELECT id, credits_posted - debits_posted - debits_pending \
+                                 FROM accounts WHERE id IN ({}) ORDER BY id{lock}",
+                                placeholders.join(", ")
+                            ),
+                            &values,
+                        )
+                        .await?
+                    {
+                        balances.insert(row.int(0)?, row.int(1)?);
+                    }
+                }
+                let mut transfers = Vec::new();
+                let mut moves = Vec::new();
+                for (_, _, purse, online) in &cards {
+                    let balance = balances.get(purse).copied().unwrap_or(0);
                     if balance > 0 {
                         let (Some(purse), Some(online)) =
-                            (AccountId::new(purse), AccountId::new(online))
+                            (AccountId::new(*purse), AccountId::new(*online))
                         else {
                             return Err(AppError::Unexpected(anyhow::anyhow!("bad account ids")));
                         };
@@ -947,18 +995,36 @@ pub async fn settle_purses(app: &App, actor: &Actor) -> AppResult<SettleReport> 
                             balance,
                             code::PURSE_CARRY,
                         ));
-                        report.moved_fen += balance;
+                        moves.push(Some(transfers.len() - 1));
+                    } else {
+                        moves.push(None);
                     }
-                    settled.push((card_id, asn, balance.max(0)));
                 }
-                // The ledger's account locks before the audit head (LOCK ORDER).
-                crate::post_all(tx, &transfers, now).await?;
-                for (card_id, asn, moved) in settled {
-                    tx.execute(
-                        "UPDATE cards SET purse_settled_at = $1 WHERE id = $2",
-                        params![now.0, card_id],
-                    )
-                    .await?;
+                let outcomes = tx.submit(&transfers, now).await?;
+                let mut report = SettleReport::default();
+                for ((card_id, asn, _, _), index) in cards.iter().zip(moves) {
+                    let moved = match index {
+                        Some(i) => match outcomes[i] {
+                            Ok(_) => transfers[i].amount.get(),
+                            // Refused (the purse changed under a lock we do not hold, or an
+                            // account is closed): left for the next sweep, and logged.
+                            Err(r) => {
+                                tracing::warn!(card = %asn, rejection = %r, "purse not settled");
+                                continue;
+                            }
+                        },
+                        None => 0,
+                    };
+                    let n = tx
+                        .execute(
+                            "UPDATE cards SET purse_settled_at = $1 WHERE id = $2 \
+                             AND purse_settled_at IS NULL",
+                            params![now.0, *card_id],
+                        )
+                        .await?;
+                    if n == 0 {
+                        continue;
+                    }
                     audit::append(
                         tx,
                         &actor,
@@ -969,6 +1035,7 @@ pub async fn settle_purses(app: &App, actor: &Actor) -> AppResult<SettleReport> 
                     )
                     .await?;
                     report.cards += 1;
+                    report.moved_fen += moved;
                 }
                 Ok(report)
             })
@@ -1100,7 +1167,7 @@ pub async fn blacklist_since(app: &App, actor: &Actor, since: i64) -> AppResult<
         )
         .await?;
     let more = rows.len() as i64 > BLACKLIST_PAGE_MAX;
-    let changes = rows
+    let changes: Vec<BlacklistChange> = rows
         .iter()
         .take(BLACKLIST_PAGE_MAX as usize)
         .map(|r| {
@@ -1113,8 +1180,12 @@ pub async fn blacklist_since(app: &App, actor: &Actor, since: i64) -> AppResult<
             })
         })
         .collect::<anyhow::Result<_>>()?;
+    // The head was read first: a change committed since may be in `changes` already.
+    let version = changes
+        .last()
+        .map_or(head, |c: &BlacklistChange| c.version.max(head));
     Ok(BlacklistDelta {
-        version: head,
+        version,
         changes,
         more,
     })

@@ -166,7 +166,11 @@ async fn remember(
 enum Movement {
     TopUp,
     Refund,
-    Payment { description: String },
+    Payment {
+        description: String,
+        /// The card the payer named, if they named one.
+        card_asn: Option<String>,
+    },
 }
 
 /// The shared flow: replay, or move the money and remember the answer. A refusal by the
@@ -231,7 +235,7 @@ async fn attempt(
                             Movement::Payment { .. } => "online.payment",
                         };
                         let description = match &movement {
-                            Movement::Payment { description } => Some(description.clone()),
+                            Movement::Payment { description, .. } => Some(description.clone()),
                             _ => None,
                         };
                         audit::append(
@@ -310,21 +314,35 @@ async fn move_money(
             crate::named_account(tx, AccountKind::Cash, system_account::CASH_DESK, now).await?,
             code::REFUND,
         ),
-        Movement::Payment { .. } => {
-            // Online payments need the cardholder's card to be active (a lost or frozen card
-            // stops them too).
-            let active = tx
-                .query_opt(
-                    "SELECT id FROM cards WHERE cardholder_id = $1 AND status = $2",
-                    params![holder.id, CardStatus::Active.code()],
-                )
-                .await?;
-            if active.is_none() {
-                return Err(AppError::conflict(
-                    "card_not_active",
-                    format!("cardholder {} has no active card", holder.number),
-                ));
-            }
+        Movement::Payment { card_asn, .. } => {
+            // Online payments need an active card: the card named, or else the cardholder's
+            // current card. A lost, frozen, replaced or cancelled card stops them.
+            let active = match card_asn {
+                Some(asn) => tx
+                    .query_opt(
+                        "SELECT id FROM cards WHERE asn = $1 AND status = $2",
+                        params![asn.clone(), CardStatus::Active.code()],
+                    )
+                    .await?
+                    .map(|_| ())
+                    .ok_or_else(|| {
+                        AppError::conflict("card_not_active", format!("card {asn} is not active"))
+                    }),
+                None => tx
+                    .query_opt(
+                        "SELECT id FROM cards WHERE cardholder_id = $1 AND status = $2",
+                        params![holder.id, CardStatus::Active.code()],
+                    )
+                    .await?
+                    .map(|_| ())
+                    .ok_or_else(|| {
+                        AppError::conflict(
+                            "card_not_active",
+                            format!("cardholder {} has no active card", holder.number),
+                        )
+                    }),
+            };
+            active?;
             let merchant = actor.merchant_account.ok_or_else(|| {
                 AppError::Forbidden(format!("{} acts for no merchant", actor.name))
             })?;
@@ -413,6 +431,10 @@ pub async fn pay(
             "description must be 1 to 200 characters",
         ));
     }
+    let card_asn = match &req.card_asn {
+        Some(asn) => Some(crate::stock::format_asn(crate::stock::parse_asn(asn)?)),
+        None => None,
+    };
     let who = match (&req.card_asn, &req.cardholder_number) {
         (Some(asn), None) => Who::Asn(crate::stock::format_asn(crate::stock::parse_asn(asn)?)),
         (None, Some(n)) => Who::Number(n.trim().to_owned()),
@@ -437,7 +459,10 @@ pub async fn pay(
         serde_json::to_value(&req).map_err(anyhow::Error::from)?,
         who,
         req.amount_fen,
-        Movement::Payment { description },
+        Movement::Payment {
+            description,
+            card_asn,
+        },
     )
     .await
 }

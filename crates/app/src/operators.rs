@@ -790,6 +790,11 @@ async fn verify_attempt(
         app.store()
             .transaction(move |tx| {
                 Box::pin(async move {
+                    // Attempts for one username (then one source) are counted one at a time:
+                    // on PostgreSQL, concurrent logins could otherwise all count under the
+                    // limit and all be checked.
+                    tx.advisory_lock(&format!("login-username:{name}")).await?;
+                    tx.advisory_lock(&format!("login-source:{source}")).await?;
                     let counts = tx
                         .query_one(
                             "SELECT (SELECT COUNT(*) FROM login_attempts WHERE username = $1 \

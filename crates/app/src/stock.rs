@@ -236,7 +236,21 @@ pub async fn receive(
                         values.push(batch.clone().into());
                         values.push(now.0.into());
                     }
-                    tx.execute(&sql, &values).await?;
+                    match tx.execute(&sql, &values).await {
+                        Ok(_) => {}
+                        Err(e) if store::is_unique_violation(&e) => {
+                            return Err(AppError::conflict(
+                                "stock_exists",
+                                format!(
+                                    "cards of {} to {} were received by someone else meanwhile; \
+                                     nothing was received",
+                                    format_asn(first),
+                                    format_asn(last)
+                                ),
+                            ));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 move_range(
                     tx,
@@ -298,12 +312,30 @@ async fn change_range(
                         ),
                     ));
                 }
-                tx.execute(
-                    "UPDATE card_stock SET state = $1, updated_at = $2 \
-                     WHERE asn BETWEEN $3 AND $4",
-                    params![to.code(), now.0, format_asn(first), format_asn(last)],
-                )
-                .await?;
+                // The state condition again: on PostgreSQL a card another transaction changed
+                // since the count (issued, voided) is not overwritten, and the count says so.
+                let states: Vec<String> = from.iter().map(|s| s.code().to_string()).collect();
+                let changed = tx
+                    .execute(
+                        &format!(
+                            "UPDATE card_stock SET state = $1, updated_at = $2 \
+                             WHERE asn BETWEEN $3 AND $4 AND state IN ({})",
+                            states.join(", ")
+                        ),
+                        params![to.code(), now.0, format_asn(first), format_asn(last)],
+                    )
+                    .await?;
+                if changed != (last - first + 1) as u64 {
+                    return Err(AppError::conflict(
+                        "stock_state",
+                        format!(
+                            "cards of {} to {} changed while {action} ran; nothing was changed, \
+                             try again",
+                            format_asn(first),
+                            format_asn(last)
+                        ),
+                    ));
+                }
                 let from_state = (from.len() == 1).then(|| from[0]);
                 move_range(tx, &actor, now, action, first, last, from_state, to, &note).await
             })
@@ -457,14 +489,20 @@ async fn mark_issued(tx: &mut Tx<'_>, asns: &[String]) -> anyhow::Result<()> {
         let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
         let mut values: Vec<store::Value> = vec![StockState::Issued.code().into()];
         values.extend(chunk.iter().map(|a| store::Value::from(a.clone())));
-        tx.execute(
-            &format!(
-                "UPDATE card_stock SET state = $1 WHERE asn IN ({})",
-                placeholders.join(", ")
-            ),
-            &values,
-        )
-        .await?;
+        let changed = tx
+            .execute(
+                &format!(
+                    "UPDATE card_stock SET state = $1 WHERE state = {} AND asn IN ({})",
+                    StockState::Initialised.code(),
+                    placeholders.join(", ")
+                ),
+                &values,
+            )
+            .await?;
+        anyhow::ensure!(
+            changed == chunk.len() as u64,
+            "a card taken from stock was changed by another transaction meanwhile"
+        );
     }
     Ok(())
 }

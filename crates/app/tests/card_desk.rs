@@ -187,6 +187,11 @@ conformance! {
         assert_eq!(log[0].source, "10.0.0.7");
         assert!(log[0].summary.contains("139****1111") && log[0].summary.contains("Maths"), "{}", log[0].summary);
         assert!(!log[0].summary.contains("13900001111") && !log[0].summary.contains("13812345678"));
+        // A change hidden by the mask is still recorded as a change.
+        let patch = cardholders::CardholderPatch { id_number: Some("110101200001019234".into()), ..Default::default() };
+        cardholders::edit(&app, &a, li.id, patch).await.unwrap();
+        let log = audit::list(app.store(), &auditor(), &audit::AuditFilter { action: Some("cardholder.edit".into()), ..Default::default() }).await.unwrap();
+        assert!(log[0].summary.contains("id_number"), "{}", log[0].summary);
         let all_log = audit::list(app.store(), &auditor(), &audit::AuditFilter::default()).await.unwrap();
         assert!(all_log.iter().all(|e| !e.summary.contains("110101200001011234")));
         // The auditor reads but changes nothing; the desk cannot read the audit log.
@@ -497,6 +502,73 @@ conformance! {
         let delta = cards::blacklist_since(&app, &a, 0).await.unwrap();
         assert_eq!(delta.version, 9);
         assert_eq!(delta.changes.iter().map(|c| c.version).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+        assert_books_balance(&app).await;
+    }
+}
+
+conformance! {
+    async fn dead_cards_neither_pay_nor_come_back(db) {
+        let (app, _) = app(db);
+        let a = desk();
+        stocked(&app, "10000000000000000001", 10).await;
+        let library = app.create_account(AccountKind::MerchantPayable, Some("merchant:library")).await.unwrap().account.id;
+        let merchant = Actor { name: "operator:library".into(), role: Role::MerchantOperator, merchant_account: Some(library), ..desk() };
+        let h = cardholders::create(&app, &a, student("S1", "Li Lei")).await.unwrap();
+        let old = cards::issue(&app, &a, IssueRequest { cardholder_id: h.id, ..Default::default() }).await.unwrap();
+        online::cash_top_up(&app, &a, "t", h.id, 5_000).await.unwrap();
+        // A frozen card is not replaced (that would lift the freeze).
+        cards::freeze(&app, &a, old.id, "debt").await.unwrap();
+        let e = cards::replace(&app, &a, old.id, ReplaceRequest::default()).await.unwrap_err();
+        assert_eq!(e.code(), "card_status");
+        assert!(e.to_string().contains("unfreeze it first"), "{e}");
+        cards::unfreeze(&app, &a, old.id).await.unwrap();
+        let new = cards::replace(&app, &a, old.id, ReplaceRequest::default()).await.unwrap().new_card.unwrap();
+        // The old card's ASN pays nothing, although its cardholder has an active card.
+        let by_old = PaymentRequest { card_asn: Some(old.asn.clone()), cardholder_number: None, amount_fen: 100, description: "fine".into() };
+        assert_eq!(online::pay(&app, &merchant, "p1", by_old).await.unwrap_err().code(), "card_not_active");
+        let by_new = PaymentRequest { card_asn: Some(new.asn.clone()), cardholder_number: None, amount_fen: 100, description: "fine".into() };
+        assert_eq!(online::pay(&app, &merchant, "p2", by_new).await.unwrap().balance_fen, 4_900);
+        // Voiding a range that holds issued cards is refused whole; stock and cards agree.
+        let e = stock::void(&app, &a, "10000000000000000001", 10, "flood").await.unwrap_err();
+        assert_eq!(e.code(), "stock_state");
+        let issued = app.store().query(
+            "SELECT count(*) FROM cards c JOIN card_stock s ON s.asn = c.asn WHERE s.state <> 2", &[]).await.unwrap();
+        assert_eq!(issued[0].int(0).unwrap(), 0);
+        assert_books_balance(&app).await;
+    }
+}
+
+conformance! {
+    async fn a_void_racing_issues_never_voids_an_issued_card(db) {
+        let (app, _) = app(db);
+        let a = desk();
+        stocked(&app, "10000000000000000001", 30).await;
+        let mut holders = Vec::new();
+        for i in 0..12 {
+            holders.push(cardholders::create(&app, &a, student(&format!("S{i}"), "x")).await.unwrap().id);
+        }
+        let mut tasks = Vec::new();
+        for id in holders {
+            let (app, a) = (app.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = cards::issue(&app, &a, IssueRequest { cardholder_id: id, ..Default::default() }).await;
+            }));
+        }
+        let (app2, a2) = (app.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = stock::void(&app2, &a2, "10000000000000000001", 30, "lost in stock").await;
+        }));
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Either the void ran first (every issue then found no stock) or it was refused.
+        let bad = app.store().query(
+            "SELECT count(*) FROM cards c JOIN card_stock s ON s.asn = c.asn WHERE s.state <> 2", &[]).await.unwrap();
+        assert_eq!(bad[0].int(0).unwrap(), 0, "a card in use is marked other than issued in stock");
+        let counts = stock::counts(&app, &a).await.unwrap();
+        let cards_n = app.store().query("SELECT count(*) FROM cards", &[]).await.unwrap()[0].int(0).unwrap();
+        assert_eq!(counts.issued, cards_n);
+        assert_eq!(counts.issued + counts.initialised + counts.void, 30);
         assert_books_balance(&app).await;
     }
 }

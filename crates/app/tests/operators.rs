@@ -409,3 +409,29 @@ async fn unknown_usernames_cost_what_wrong_passwords_cost() {
     );
     db.cleanup().await;
 }
+
+conformance! {
+    async fn concurrent_failed_logins_cannot_beat_the_limit(db) {
+        let (app, _) = app_on(db);
+        make(&app, "frank", Role::Finance).await;
+        // Twenty guesses at once: only the first LOGIN_FAILURES_PER_USERNAME_MAX are checked.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let app = app.clone();
+            tasks.push(tokio::spawn(async move {
+                operators::login(&app, "frank", &pw("not the password"), &format!("10.9.0.{i}")).await
+            }));
+        }
+        let mut checked = 0;
+        let mut throttled = 0;
+        for t in tasks {
+            match t.await.unwrap().unwrap_err() {
+                AppError::Unauthorized(_) => checked += 1,
+                AppError::TooManyAttempts(_) => throttled += 1,
+                e => panic!("{e}"),
+            }
+        }
+        assert_eq!(checked, LOGIN_FAILURES_PER_USERNAME_MAX, "throttled {throttled}");
+        assert_eq!(throttled, 20 - LOGIN_FAILURES_PER_USERNAME_MAX);
+    }
+}

@@ -834,10 +834,23 @@ fn pg_err(e: tokio_postgres::Error, sql: &str) -> anyhow::Error {
         Some(db) => format!(
             "PostgreSQL: {}{}",
             db.message(),
-            db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+            // "Failing row contains (...)" would put a whole row (identity and phone numbers)
+            // into the log.
+            db.detail()
+                .filter(|d| !d.starts_with("Failing row contains"))
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
         ),
         None => format!("PostgreSQL: {e}"),
     };
+    let whole_row = e
+        .as_db_error()
+        .and_then(|db| db.detail())
+        .is_some_and(|d| d.starts_with("Failing row contains"));
+    if whole_row {
+        // Not even in the cause chain.
+        return anyhow::anyhow!("{message} [in: {sql}]");
+    }
     anyhow::Error::new(e).context(format!("{message} [in: {sql}]"))
 }
 

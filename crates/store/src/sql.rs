@@ -207,6 +207,26 @@ impl Tx<'_> {
         }
     }
 
+    /// Serialises transactions that name the same `key` until they end (PostgreSQL's
+    /// transaction-scoped advisory lock; nothing on SQLite, whose writer is alone anyway). For
+    /// check-then-insert rules on rows that may not exist yet, such as counting failed logins.
+    pub async fn advisory_lock(&mut self, key: &str) -> anyhow::Result<()> {
+        match self {
+            Tx::Sqlite(_) => Ok(()),
+            Tx::Postgres(t) => {
+                // FNV-1a: a stable 64-bit key for the text.
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in key.bytes() {
+                    h ^= u64::from(b);
+                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                }
+                t.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(h as i64)])
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
     /// Applies transfers inside this transaction, with the same rules and answers as
     /// [`Store::submit`](crate::Store::submit). Business rejections are stored with the
     /// transaction: if it rolls back, they are gone too.

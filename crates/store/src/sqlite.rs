@@ -230,7 +230,7 @@ impl SqliteStore {
             finish?;
             result.ok_or_else(|| {
                 E::from(anyhow::anyhow!(
-                    "a SQLite transaction waited for something other than the database;                      it was rolled back"
+                    "a SQLite transaction waited for something other than the database; it was rolled back"
                 ))
             })?
         })

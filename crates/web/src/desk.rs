@@ -28,9 +28,58 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(ApiError::bad_request("invalid_json", e.body_text())),
+            Err(e) => Err(ApiError::bad_request(
+                "invalid_json",
+                mask_numbers(&e.body_text()),
+            )),
         }
     }
+}
+
+/// A numeric id in the path, with a JSON error when it is not one.
+#[derive(Debug)]
+pub struct Id(pub i64);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+        match text.parse::<i64>() {
+            Ok(id) if id > 0 => Ok(Id(id)),
+            _ => Err(ApiError::bad_request(
+                "invalid_id",
+                format!("{text:?} in the path is not an id (a positive whole number)"),
+            )),
+        }
+    }
+}
+
+/// serde's messages quote the offending value: long digit runs (identity, phone or card
+/// numbers sent in the wrong field) are masked before they go back to the caller.
+fn mask_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut digits = String::new();
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        if digits.len() >= 7 {
+            out.push_str(&cardholders::mask_phone(&digits));
+        } else {
+            out.push_str(&digits);
+        }
+        digits.clear();
+        out.push(c);
+    }
+    out.pop();
+    out
 }
 
 /// A JSON body that may be left out (then every field takes its default).
@@ -38,7 +87,8 @@ fn optional_body<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiEr
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", mask_numbers(&e.to_string())))
 }
 
 /// Query strings, with JSON errors.
@@ -160,7 +210,7 @@ async fn import_cardholders(
 async fn get_cardholder(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cardholders::get(&app, &actor, id).await?)
 }
@@ -168,7 +218,7 @@ async fn get_cardholder(
 async fn edit_cardholder(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
     Body(patch): Body<CardholderPatch>,
 ) -> ApiResult {
     ok(cardholders::edit(&app, &actor, id, patch).await?)
@@ -177,7 +227,7 @@ async fn edit_cardholder(
 async fn cardholder_cards(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     cardholders::get(&app, &actor, id).await?;
     ok(cards::of_cardholder(&app, &actor, id).await?)
@@ -192,7 +242,7 @@ struct Page {
 async fn cardholder_history(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
     Params(p): Params<Page>,
 ) -> ApiResult {
     ok(cards::cardholder_history(&app, &actor, id, p.before, p.limit.unwrap_or(50)).await?)
@@ -206,7 +256,7 @@ struct Amount {
 async fn top_up(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
     headers: HeaderMap,
     Body(a): Body<Amount>,
 ) -> ApiResult {
@@ -217,7 +267,7 @@ async fn top_up(
 async fn refund(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
     headers: HeaderMap,
     Body(a): Body<Amount>,
 ) -> ApiResult {
@@ -246,7 +296,7 @@ async fn issue_card(
 async fn get_card(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cards::get(&app, &actor, id).await?)
 }
@@ -262,7 +312,7 @@ async fn card_by_asn(
 async fn card_events(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cards::events(&app, &actor, id).await?)
 }
@@ -270,7 +320,7 @@ async fn card_events(
 async fn report_loss(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cards::report_loss(&app, &actor, id).await?)
 }
@@ -278,7 +328,7 @@ async fn report_loss(
 async fn unlock(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cards::unlock(&app, &actor, id).await?)
 }
@@ -292,7 +342,7 @@ struct Reason {
 async fn freeze(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
     body: axum::body::Bytes,
 ) -> ApiResult {
     let reason = optional_body::<Reason>(&body)?.reason;
@@ -302,7 +352,7 @@ async fn freeze(
 async fn unfreeze(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cards::unfreeze(&app, &actor, id).await?)
 }
@@ -310,7 +360,7 @@ async fn unfreeze(
 async fn replace(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req = optional_body::<ReplaceRequest>(&body)?;
@@ -320,7 +370,7 @@ async fn replace(
 async fn cancel(
     State(app): State<App>,
     CurrentActor(actor): CurrentActor,
-    Path(id): Path<i64>,
+    Id(id): Id,
 ) -> ApiResult {
     ok(cards::cancel(&app, &actor, id).await?)
 }
@@ -399,4 +449,17 @@ async fn audit_verify(State(app): State<App>, CurrentActor(actor): CurrentActor)
     Ok(Json(
         json!({ "rows": check.rows, "ok": check.is_ok(), "problems": check.problems }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_numbers_are_masked_in_errors() {
+        assert_eq!(
+            super::mask_numbers(
+                "invalid type: integer `110101200001011234`, expected a string at line 1 column 30"
+            ),
+            "invalid type: integer `110***********1234`, expected a string at line 1 column 30"
+        );
+    }
 }

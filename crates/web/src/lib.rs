@@ -49,6 +49,7 @@ pub fn router(app: App) -> Router {
         .merge(auth::routes())
         .merge(desk::routes())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_timeout))
         .with_state(app)
 }
@@ -167,6 +168,14 @@ impl IntoResponse for ApiError {
 
 async fn openapi_document() -> Json<serde_json::Value> {
     Json(openapi::document())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take this method (see /api/v1/openapi.json)",
+    )
 }
 
 async fn not_found() -> ApiError {
