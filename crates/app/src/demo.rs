@@ -124,6 +124,16 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
     if existing > 0 {
         return Ok(DemoSummary::default());
     }
+    let stocked_already = app
+        .store()
+        .query_opt("SELECT count(*) FROM card_stock", &[])
+        .await?
+        .map_or(0, |r| r.int(0).unwrap_or(0));
+    anyhow::ensure!(
+        stocked_already == 0,
+        "this database has card stock but no cardholders: a demo run stopped halfway, or the \
+         database is in use. The demo needs an empty database (for SQLite, a new --data-dir)"
+    );
     let actor = Actor {
         name: "demo".into(),
         ..Actor::system()
