@@ -85,11 +85,11 @@ impl Role {
             ),
             Role::Finance => matches!(
                 p,
-                CardholdersRead | CardsRead | StockRead | LedgerRead | CashDesk
+                CardholdersRead | CardsRead | StockRead | LedgerRead | CashDesk | TerminalsRead
             ),
             Role::Auditor => matches!(
                 p,
-                CardholdersRead | CardsRead | StockRead | LedgerRead | AuditRead
+                CardholdersRead | CardsRead | StockRead | LedgerRead | AuditRead | TerminalsRead
             ),
             Role::MerchantOperator => matches!(p, Payments),
         }
@@ -118,6 +118,10 @@ pub enum Permission {
     AuditRead,
     /// Create, change and disable operators.
     OperatorsManage,
+    /// Terminals, their offline records, quarantine and purse anomalies.
+    TerminalsRead,
+    /// Register terminals, bind PSAMs, enable and disable them.
+    TerminalsManage,
 }
 
 impl Permission {
@@ -134,6 +138,8 @@ impl Permission {
             Permission::LedgerRead => "ledger.read",
             Permission::AuditRead => "audit.read",
             Permission::OperatorsManage => "operators.manage",
+            Permission::TerminalsRead => "terminals.read",
+            Permission::TerminalsManage => "terminals.manage",
         }
     }
 }

@@ -9,11 +9,13 @@ pub mod cardholders;
 pub mod cards;
 pub mod demo;
 pub mod error;
+pub mod ingest;
 pub mod online;
 pub mod operators;
 pub mod personalise;
 pub mod security;
 pub mod stock;
+pub mod terminals;
 
 pub use access::{Actor, Permission, Role};
 pub use error::{AppError, AppResult};

@@ -42,6 +42,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "cards",
         sql: include_str!("../migrations/sqlite/0003_cards.sql"),
     },
+    Source {
+        version: 4,
+        name: "terminals",
+        sql: include_str!("../migrations/sqlite/0004_terminals.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -59,6 +64,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 3,
         name: "cards",
         sql: include_str!("../migrations/postgres/0003_cards.sql"),
+    },
+    Source {
+        version: 4,
+        name: "terminals",
+        sql: include_str!("../migrations/postgres/0004_terminals.sql"),
     },
 ];
 

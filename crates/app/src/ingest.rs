@@ -1,0 +1,627 @@
+//! Offline-record ingest: the purchase records terminals (directly or through a commerce
+//! gateway) upload after the card paid offline.
+//!
+//! Invariants:
+//! - A record is keyed by (card ASN, transaction type, purse counter) and posts at most once.
+//!   The same record again is a duplicate (answered, not stored twice); another record under a
+//!   posted key is quarantined ("conflicting record").
+//! - Nothing is dropped and nothing doubtful is posted: records from unknown or disabled
+//!   terminals, for unknown cards, with a bad TAC, over the configured amount, or larger than
+//!   the purse shadow can pay are stored as quarantined with their reason.
+//! - The purse account shadows the card from TAC-verified records only: a posted record moves
+//!   its amount from the card's purse account to the terminal's merchant account.
+//! - A counter gap is recorded as a `missing_record` anomaly per missing counter, resolved when
+//!   the late record arrives. When a record follows the last posted one directly, its
+//!   balance-before must equal the server's shadow of the purse; otherwise a
+//!   `balance_mismatch` anomaly names both figures (a card that reports an inflated balance or
+//!   replays a counter is caught here and by the key, not by its TAC).
+//!
+//! A batch is checked (format, TAC) before its transaction opens, then decided and written in
+//! one transaction: records, transfers, anomalies and the terminals' last-seen times commit
+//! together. Accounts are locked in id order before any is read, so the shadow balances used
+//! are the ones posted against.
+
+use std::collections::HashMap;
+
+use card::crypto::Mac4;
+use card::purse::{Asn, TerminalId, TxDateTime};
+use ledger::{AccountId, Transfer};
+use serde::{Deserialize, Serialize};
+use store::{Tx, params};
+
+use crate::error::{AppError, AppResult};
+use crate::security::{KeyKind, PurchaseTacInput, SecurityModule};
+use crate::{App, code};
+
+/// Most records one ingest call takes.
+pub const INGEST_BATCH_MAX: usize = 8_000;
+/// The EP purchase transaction type (spec 1.2).
+pub const TX_EP_PURCHASE: u8 = 0x06;
+/// Most counters one gap records one by one; a longer gap is one anomaly for the range.
+const GAP_ANOMALIES_MAX: u32 = 100;
+
+/// One uploaded purchase record, as a terminal reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineRecord {
+    /// 20 digits.
+    pub asn: String,
+    /// The purse's offline counter the purchase used (from INITIALIZE FOR PURCHASE).
+    pub counter: u16,
+    /// `6`: EP purchase.
+    pub tx_type: u8,
+    /// 12 hex digits: the PSAM's terminal number.
+    pub terminal_no: String,
+    /// The PSAM's transaction counter (TTC).
+    pub ttc: u32,
+    pub amount_fen: u32,
+    /// The balance the card reported before the purchase.
+    pub balance_before_fen: u32,
+    /// `YYYYMMDDhhmmss`, as in the TAC.
+    pub tx_at: String,
+    /// 8 hex digits.
+    pub tac: String,
+}
+
+/// What happened to one record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum IngestOutcome {
+    Posted {
+        transfer_id: String,
+    },
+    /// Received before with the same content: nothing changed.
+    Duplicate,
+    Quarantined {
+        reason: String,
+    },
+}
+
+/// The configured limits of ingest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngestPolicy {
+    /// A record above this is quarantined (a purse cannot hold much more anyway).
+    pub record_amount_fen_max: u32,
+}
+
+impl Default for IngestPolicy {
+    fn default() -> IngestPolicy {
+        IngestPolicy {
+            record_amount_fen_max: 100_000,
+        }
+    }
+}
+
+/// A record after the checks that need no database.
+struct Checked {
+    index: usize,
+    record: OfflineRecord,
+    tac: Vec<u8>,
+    /// Why it must be quarantined whatever the database says.
+    problem: Option<String>,
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn check(
+    module: &dyn SecurityModule,
+    policy: &IngestPolicy,
+    index: usize,
+    r: OfflineRecord,
+) -> Checked {
+    let tac = hex_bytes(&r.tac)
+        .filter(|t| t.len() == 4)
+        .unwrap_or_default();
+    let problem = (|| -> Option<String> {
+        let asn = match Asn::parse_digits(&r.asn) {
+            Ok(a) if r.asn.len() == 20 => a,
+            _ => return Some(format!("malformed: ASN {:?} is not 20 digits", r.asn)),
+        };
+        let terminal = match hex_bytes(&r.terminal_no).map(|b| TerminalId::from_slice(&b)) {
+            Some(Ok(t)) => t,
+            _ => {
+                return Some(format!(
+                    "malformed: terminal {:?} is not 12 hex digits",
+                    r.terminal_no
+                ));
+            }
+        };
+        let Ok(date_time) = TxDateTime::parse_digits(&r.tx_at) else {
+            return Some(format!(
+                "malformed: time {:?} is not YYYYMMDDhhmmss",
+                r.tx_at
+            ));
+        };
+        if tac.len() != 4 {
+            return Some(format!("malformed: TAC {:?} is not 8 hex digits", r.tac));
+        }
+        if r.tx_type != TX_EP_PURCHASE {
+            return Some(format!(
+                "transaction type {:02X} is not an EP purchase (06)",
+                r.tx_type
+            ));
+        }
+        if r.amount_fen == 0 {
+            return Some("amount 0".into());
+        }
+        if r.amount_fen > policy.record_amount_fen_max {
+            return Some(format!(
+                "amount {} fen is over the {} fen a record may carry",
+                r.amount_fen, policy.record_amount_fen_max
+            ));
+        }
+        if r.amount_fen > r.balance_before_fen {
+            return Some(format!(
+                "amount {} fen is more than the balance {} fen the card reported",
+                r.amount_fen, r.balance_before_fen
+            ));
+        }
+        let Some(version) = module.current_version(KeyKind::Tac) else {
+            return Some("no TAC master key: run the key ceremony".into());
+        };
+        let input = PurchaseTacInput {
+            asn,
+            amount_fen: r.amount_fen,
+            terminal_id: terminal,
+            ttc: r.ttc,
+            date_time,
+            tac: Mac4::new(tac.clone().try_into().expect("4 bytes")),
+        };
+        match module.verify_purchase_tac(version, &input) {
+            Ok(true) => None,
+            Ok(false) => Some("bad TAC: the card did not make this record".into()),
+            Err(e) => Some(format!("TAC not checked: {e}")),
+        }
+    })();
+    Checked {
+        index,
+        record: r,
+        tac,
+        problem,
+    }
+}
+
+/// A card as ingest needs it.
+struct CardState {
+    purse: AccountId,
+    /// The highest counter posted for purchases, if any.
+    last_counter: Option<u16>,
+}
+
+/// Ingests a batch of records; the answers are in the order of `records`.
+pub async fn ingest(
+    app: &App,
+    module: &dyn SecurityModule,
+    policy: IngestPolicy,
+    records: Vec<OfflineRecord>,
+) -> AppResult<Vec<IngestOutcome>> {
+    if records.len() > INGEST_BATCH_MAX {
+        return Err(AppError::invalid(
+            "batch_too_large",
+            format!(
+                "{} records in one batch; at most {INGEST_BATCH_MAX}",
+                records.len()
+            ),
+        ));
+    }
+    // TACs are checked before the transaction opens: it must not wait for anything but the
+    // database, and this is the CPU-heavy part.
+    let mut checked: Vec<Checked> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| check(module, &policy, i, r))
+        .collect();
+    // Per card in counter order, so gaps and continuity are judged in order.
+    checked.sort_by(|a, b| {
+        (a.record.asn.as_str(), a.record.counter).cmp(&(b.record.asn.as_str(), b.record.counter))
+    });
+    let now = app.now();
+    let n = checked.len();
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; n];
+                decide_and_write(tx, &mut checked, &mut outcomes, now).await?;
+                Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.expect("every record answered"))
+                    .collect())
+            })
+        })
+        .await
+}
+
+async fn decide_and_write(
+    tx: &mut Tx<'_>,
+    checked: &mut [Checked],
+    outcomes: &mut [Option<IngestOutcome>],
+    now: ledger::Timestamp,
+) -> AppResult<()> {
+    // Terminals and cards named by the batch.
+    let mut terminals: HashMap<String, Option<crate::terminals::Terminal>> = HashMap::new();
+    let mut cards: HashMap<String, Option<CardState>> = HashMap::new();
+    for c in checked.iter() {
+        let t = c.record.terminal_no.to_ascii_uppercase();
+        if let std::collections::hash_map::Entry::Vacant(e) = terminals.entry(t) {
+            let found = crate::terminals::by_number(tx, e.key()).await?;
+            e.insert(found);
+        }
+        if !cards.contains_key(&c.record.asn) {
+            let row = tx
+                .query_opt(
+                    "SELECT purse_account_id FROM cards WHERE asn = $1",
+                    params![c.record.asn.clone()],
+                )
+                .await?;
+            let state = match row {
+                None => None,
+                Some(r) => {
+                    let last = tx
+                        .query_one(
+                            "SELECT max(counter) FROM offline_records WHERE asn = $1 \
+                             AND tx_type = $2 AND status = 0",
+                            params![c.record.asn.clone(), i64::from(TX_EP_PURCHASE)],
+                        )
+                        .await?
+                        .opt_int(0)?;
+                    Some(CardState {
+                        purse: AccountId::new(r.int(0)?)
+                            .ok_or_else(|| anyhow::anyhow!("bad purse account id"))?,
+                        last_counter: last.map(|l| l as u16),
+                    })
+                }
+            };
+            cards.insert(c.record.asn.clone(), state);
+        }
+    }
+    // Lock every account the batch may post to, in id order, then read the purse shadows.
+    let mut ids: Vec<i64> = cards.values().flatten().map(|c| c.purse.get()).collect();
+    ids.extend(
+        terminals
+            .values()
+            .flatten()
+            .filter_map(|t| t.merchant_account_id),
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    let mut shadow: HashMap<i64, i64> = HashMap::new();
+    for chunk in ids.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let values: Vec<store::Value> = chunk.iter().map(|&i| i.into()).collect();
+        let lock = tx.for_update();
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT id, credits_posted - debits_posted - debits_pending FROM accounts \
+                     WHERE id IN ({}) ORDER BY id{lock}",
+                    placeholders.join(", ")
+                ),
+                &values,
+            )
+            .await?
+        {
+            shadow.insert(row.int(0)?, row.int(1)?);
+        }
+    }
+    let mut transfers: Vec<Transfer> = Vec::new();
+    for c in checked.iter_mut() {
+        let r = &c.record;
+        let terminal_no = r.terminal_no.to_ascii_uppercase();
+        // A record already here under this key?
+        let existing = tx
+            .query(
+                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at FROM offline_records \
+                 WHERE asn = $1 AND tx_type = $2 AND counter = $3",
+                params![r.asn.clone(), i64::from(r.tx_type), i64::from(r.counter)],
+            )
+            .await?;
+        let same = |row: &store::Row| -> anyhow::Result<bool> {
+            Ok(row.blob(1)? == c.tac
+                && row.int(2)? == i64::from(r.amount_fen)
+                && row.text(3)? == terminal_no
+                && row.int(4)? == i64::from(r.ttc)
+                && row.text(5)? == r.tx_at)
+        };
+        let mut duplicate = None;
+        let mut posted_exists = false;
+        for row in &existing {
+            if same(row)? && duplicate.is_none() {
+                duplicate = Some(row.int(0)? == 0);
+            }
+            posted_exists |= row.int(0)? == 0;
+        }
+        match duplicate {
+            // Sent again: answered, not stored again.
+            Some(true) => {
+                outcomes[c.index] = Some(IngestOutcome::Duplicate);
+                continue;
+            }
+            // Sent again while quarantined: it stays there (an operator resolves it).
+            Some(false) if !posted_exists => {
+                let reason = tx
+                    .query_one(
+                        "SELECT reason FROM offline_records WHERE asn = $1 AND tx_type = $2 \
+                         AND counter = $3 AND status = 1 AND tac = $4 ORDER BY id LIMIT 1",
+                        params![
+                            r.asn.clone(),
+                            i64::from(r.tx_type),
+                            i64::from(r.counter),
+                            c.tac.clone()
+                        ],
+                    )
+                    .await?
+                    .text(0)?;
+                outcomes[c.index] = Some(IngestOutcome::Quarantined {
+                    reason: format!("already quarantined: {reason}"),
+                });
+                continue;
+            }
+            _ => {}
+        }
+        let mut reason = c.problem.clone();
+        if reason.is_none() && posted_exists {
+            reason = Some(format!(
+                "conflicting record: counter {} of card {} was posted already with other content",
+                r.counter, r.asn
+            ));
+        }
+        let terminal = terminals.get(&terminal_no).cloned().flatten();
+        if reason.is_none() {
+            reason = match &terminal {
+                None => Some(format!("unknown terminal {terminal_no}")),
+                Some(t) if !t.enabled => Some(format!("terminal {terminal_no} is disabled")),
+                Some(t) if t.merchant_account_id.is_none() => {
+                    Some(format!("terminal {terminal_no} sells for no merchant"))
+                }
+                _ => None,
+            };
+        }
+        let card = cards.get_mut(&r.asn).and_then(Option::as_mut);
+        if reason.is_none() && card.is_none() {
+            reason = Some(format!("unknown card {}", r.asn));
+        }
+        let mut transfer_id = None;
+        if reason.is_none() {
+            let card = card.expect("checked");
+            let purse = card.purse.get();
+            let balance = shadow.get(&purse).copied().unwrap_or(0);
+            // Continuity: gaps, and the balance the card reported against the shadow.
+            match card.last_counter {
+                Some(last) if r.counter > last.wrapping_add(1) && r.counter > last => {
+                    let missing = u32::from(r.counter - last - 1);
+                    if missing <= GAP_ANOMALIES_MAX {
+                        for k in last + 1..r.counter {
+                            anomaly(
+                                tx,
+                                &r.asn,
+                                "missing_record",
+                                k,
+                                &format!("counter {k} has not arrived (counter {} did)", r.counter),
+                                now,
+                            )
+                            .await?;
+                        }
+                    } else {
+                        anomaly(
+                            tx,
+                            &r.asn,
+                            "missing_record",
+                            last + 1,
+                            &format!(
+                                "counters {} to {} have not arrived",
+                                last + 1,
+                                r.counter - 1
+                            ),
+                            now,
+                        )
+                        .await?;
+                    }
+                }
+                Some(last) if r.counter < last => {
+                    // A late record fills a gap.
+                    tx.execute(
+                        "UPDATE purse_anomalies SET resolved_at = $1 WHERE asn = $2 \
+                         AND kind = 'missing_record' AND counter = $3 AND resolved_at IS NULL",
+                        params![now.0, r.asn.clone(), i64::from(r.counter)],
+                    )
+                    .await?;
+                }
+                _ => {}
+            }
+            let follows = card
+                .last_counter
+                .is_none_or(|last| r.counter == last.wrapping_add(1));
+            if follows && i64::from(r.balance_before_fen) != balance {
+                anomaly(
+                    tx,
+                    &r.asn,
+                    "balance_mismatch",
+                    r.counter,
+                    &format!(
+                        "the card reported {} fen before counter {}; the server's shadow is {} fen",
+                        r.balance_before_fen, r.counter, balance
+                    ),
+                    now,
+                )
+                .await?;
+            }
+            if i64::from(r.amount_fen) > balance {
+                reason = Some(format!(
+                    "the purse shadow ({balance} fen) cannot pay {} fen: a load or an earlier \
+                     record is missing",
+                    r.amount_fen
+                ));
+            } else {
+                let merchant = terminal
+                    .as_ref()
+                    .and_then(|t| t.merchant_account_id)
+                    .and_then(AccountId::new)
+                    .expect("checked above");
+                let id = crate::new_transfer_id(now);
+                transfers.push(crate::single(
+                    id,
+                    card.purse,
+                    merchant,
+                    i64::from(r.amount_fen),
+                    code::PURCHASE,
+                ));
+                shadow.insert(purse, balance - i64::from(r.amount_fen));
+                if card.last_counter.is_none_or(|l| r.counter > l) {
+                    card.last_counter = Some(r.counter);
+                }
+                transfer_id = Some(id);
+            }
+        }
+        let status = i64::from(reason.is_some());
+        tx.execute(
+            "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
+             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            params![
+                r.asn.clone(),
+                i64::from(r.counter),
+                i64::from(r.tx_type),
+                terminal_no.clone(),
+                i64::from(r.ttc),
+                i64::from(r.amount_fen),
+                i64::from(r.balance_before_fen),
+                r.tx_at.clone(),
+                if c.tac.len() == 4 {
+                    c.tac.clone()
+                } else {
+                    vec![0; 4]
+                },
+                status,
+                reason.clone().unwrap_or_default(),
+                transfer_id.map(|t| t.to_bytes().to_vec()),
+                now.0
+            ],
+        )
+        .await?;
+        if terminal.is_some() {
+            tx.execute(
+                "UPDATE terminals SET last_seen_at = $1 WHERE terminal_no = $2",
+                params![now.0, terminal_no],
+            )
+            .await?;
+        }
+        outcomes[c.index] = Some(match (reason, transfer_id) {
+            (Some(reason), _) => IngestOutcome::Quarantined { reason },
+            (None, Some(id)) => IngestOutcome::Posted {
+                transfer_id: id.to_string(),
+            },
+            (None, None) => unreachable!("a record is posted or has a reason"),
+        });
+    }
+    // The shadows were checked under the locks: every transfer must apply.
+    crate::post_all(tx, &transfers, now).await?;
+    Ok(())
+}
+
+async fn anomaly(
+    tx: &mut Tx<'_>,
+    asn: &str,
+    kind: &str,
+    counter: u16,
+    detail: &str,
+    now: ledger::Timestamp,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "INSERT INTO purse_anomalies (asn, kind, counter, detail, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+        params![asn, kind, i64::from(counter), detail, now.0],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One anomaly of a card's purse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Anomaly {
+    pub id: i64,
+    pub asn: String,
+    pub kind: String,
+    pub counter: i64,
+    pub detail: String,
+    pub created_at_ms: i64,
+    pub resolved_at_ms: Option<i64>,
+}
+
+/// A card's purse anomalies, open ones first.
+pub async fn anomalies(app: &App, actor: &crate::Actor, asn: &str) -> AppResult<Vec<Anomaly>> {
+    actor.require(crate::Permission::TerminalsRead)?;
+    let rows = app
+        .store()
+        .query(
+            "SELECT id, asn, kind, counter, detail, created_at, resolved_at FROM purse_anomalies \
+             WHERE asn = $1 ORDER BY resolved_at IS NOT NULL, counter, id",
+            params![asn],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Anomaly {
+                id: r.int(0)?,
+                asn: r.text(1)?,
+                kind: r.text(2)?,
+                counter: r.int(3)?,
+                detail: r.text(4)?,
+                created_at_ms: r.int(5)?,
+                resolved_at_ms: r.opt_int(6)?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()
+        .map_err(AppError::from)
+}
+
+/// A quarantined record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Quarantined {
+    pub id: i64,
+    pub asn: String,
+    pub counter: i64,
+    pub terminal_no: String,
+    pub amount_fen: i64,
+    pub reason: String,
+    pub received_at_ms: i64,
+}
+
+/// Quarantined records, newest first; `before` is the previous page's last id.
+pub async fn quarantined(
+    app: &App,
+    actor: &crate::Actor,
+    before: Option<i64>,
+    limit: u32,
+) -> AppResult<Vec<Quarantined>> {
+    actor.require(crate::Permission::TerminalsRead)?;
+    let rows = app
+        .store()
+        .query(
+            "SELECT id, asn, counter, terminal_no, amount_fen, reason, received_at \
+             FROM offline_records WHERE status = 1 AND (CAST($1 AS BIGINT) IS NULL OR id < $1) \
+             ORDER BY id DESC LIMIT $2",
+            params![before, i64::from(limit.clamp(1, 1_000))],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Quarantined {
+                id: r.int(0)?,
+                asn: r.text(1)?,
+                counter: r.int(2)?,
+                terminal_no: r.text(3)?,
+                amount_fen: r.int(4)?,
+                reason: r.text(5)?,
+                received_at_ms: r.int(6)?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()
+        .map_err(AppError::from)
+}

@@ -1,0 +1,370 @@
+//! The terminal registry: every POS, kiosk and commerce gateway is registered before use,
+//! with its 6-byte terminal number (the one its PSAM puts in every MAC and TAC), its kind,
+//! the merchant it sells for, its location and its bound PSAM; it can be disabled. The
+//! terminal front end refuses anything not registered, and offline records from unknown or
+//! disabled terminals are quarantined.
+
+use ledger::{AccountId, AccountKind};
+use serde::{Deserialize, Serialize};
+use store::{Tx, params};
+
+use crate::App;
+use crate::access::{Actor, Permission};
+use crate::audit;
+use crate::error::{AppError, AppResult};
+
+/// Most terminals one listing returns.
+pub const TERMINALS_LIST_MAX: u32 = 1_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminalKind {
+    Pos,
+    Kiosk,
+    Gateway,
+}
+
+impl TerminalKind {
+    pub const ALL: [TerminalKind; 3] = [
+        TerminalKind::Pos,
+        TerminalKind::Kiosk,
+        TerminalKind::Gateway,
+    ];
+
+    pub fn code(self) -> i64 {
+        match self {
+            TerminalKind::Pos => 1,
+            TerminalKind::Kiosk => 2,
+            TerminalKind::Gateway => 3,
+        }
+    }
+
+    pub fn from_code(c: i64) -> Option<TerminalKind> {
+        TerminalKind::ALL.into_iter().find(|k| k.code() == c)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TerminalKind::Pos => "pos",
+            TerminalKind::Kiosk => "kiosk",
+            TerminalKind::Gateway => "gateway",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<TerminalKind, String> {
+        TerminalKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("terminal kind {s:?} is not one of pos, kiosk, gateway"))
+    }
+}
+
+/// A registered terminal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Terminal {
+    pub id: i64,
+    /// 12 hex digits, upper case.
+    pub terminal_no: String,
+    pub kind: TerminalKind,
+    pub merchant_account_id: Option<i64>,
+    pub location: String,
+    pub psam_serial: Option<String>,
+    pub enabled: bool,
+    pub last_seen_at_ms: Option<i64>,
+    pub signed_in_at_ms: Option<i64>,
+    /// The blacklist version the terminal last reported holding.
+    pub blacklist_version: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// What registering a terminal needs.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct NewTerminal {
+    pub terminal_no: String,
+    pub kind: TerminalKind,
+    /// The merchant_payable account its sales credit; required for POS terminals.
+    pub merchant_account_id: Option<i64>,
+    pub location: String,
+    pub psam_serial: Option<String>,
+}
+
+/// Changes to a terminal; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct TerminalPatch {
+    pub enabled: Option<bool>,
+    pub merchant_account_id: Option<i64>,
+    pub location: Option<String>,
+    /// Binds another PSAM; an empty text unbinds.
+    pub psam_serial: Option<String>,
+}
+
+/// Checks a terminal number: 12 hex digits (6 bytes), returned upper case.
+pub fn parse_terminal_no(s: &str) -> AppResult<String> {
+    let t = s.trim();
+    if t.len() != 12 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AppError::invalid(
+            "invalid_terminal_no",
+            format!("terminal number {t:?} must be 12 hexadecimal digits (6 bytes)"),
+        ));
+    }
+    Ok(t.to_ascii_uppercase())
+}
+
+fn check_psam(s: &str) -> AppResult<Option<String>> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    if t.len() > 32 || !t.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(AppError::invalid(
+            "invalid_psam",
+            format!("PSAM serial {t:?} must be 1 to 32 letters or digits"),
+        ));
+    }
+    Ok(Some(t.to_owned()))
+}
+
+const COLUMNS: &str = "id, terminal_no, kind, merchant_account_id, location, psam_serial, enabled, \
+                       last_seen_at, signed_in_at, blacklist_version, created_at, updated_at";
+
+fn from_row(r: &store::Row) -> anyhow::Result<Terminal> {
+    Ok(Terminal {
+        id: r.int(0)?,
+        terminal_no: r.text(1)?,
+        kind: TerminalKind::from_code(r.int(2)?).ok_or_else(|| anyhow::anyhow!("bad kind"))?,
+        merchant_account_id: r.opt_int(3)?,
+        location: r.text(4)?,
+        psam_serial: r.opt_text(5)?,
+        enabled: r.int(6)? != 0,
+        last_seen_at_ms: r.opt_int(7)?,
+        signed_in_at_ms: r.opt_int(8)?,
+        blacklist_version: r.int(9)?,
+        created_at_ms: r.int(10)?,
+        updated_at_ms: r.int(11)?,
+    })
+}
+
+async fn check_merchant(tx: &mut Tx<'_>, id: i64) -> AppResult<AccountId> {
+    let row = tx
+        .query_opt("SELECT kind FROM accounts WHERE id = $1", params![id])
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("account {id} does not exist")))?;
+    if row.int(0)? != i64::from(AccountKind::MerchantPayable.code()) {
+        return Err(AppError::invalid(
+            "not_a_merchant_account",
+            format!("account {id} is not a merchant_payable account"),
+        ));
+    }
+    AccountId::new(id).ok_or_else(|| AppError::invalid("invalid_account", "bad account id"))
+}
+
+/// Registers a terminal.
+pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<Terminal> {
+    actor.require(Permission::TerminalsManage)?;
+    let terminal_no = parse_terminal_no(&new.terminal_no)?;
+    let location = new.location.trim().to_owned();
+    if location.is_empty() || location.chars().count() > 100 {
+        return Err(AppError::invalid(
+            "invalid_location",
+            "location must be 1 to 100 characters",
+        ));
+    }
+    let psam = check_psam(new.psam_serial.as_deref().unwrap_or(""))?;
+    if new.kind == TerminalKind::Pos && new.merchant_account_id.is_none() {
+        return Err(AppError::invalid(
+            "merchant_required",
+            "a POS terminal sells for a merchant: give merchant_account_id",
+        ));
+    }
+    let now = app.now();
+    let actor = actor.clone();
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                if let Some(m) = new.merchant_account_id {
+                    check_merchant(tx, m).await?;
+                }
+                if tx
+                    .query_opt(
+                        "SELECT id FROM terminals WHERE terminal_no = $1",
+                        params![terminal_no.clone()],
+                    )
+                    .await?
+                    .is_some()
+                {
+                    return Err(AppError::conflict(
+                        "terminal_exists",
+                        format!("terminal {terminal_no} is registered already"),
+                    ));
+                }
+                let id = tx
+                    .query_one(
+                        "INSERT INTO terminals (terminal_no, kind, merchant_account_id, location, \
+                         psam_serial, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+                         RETURNING id",
+                        params![
+                            terminal_no.clone(),
+                            new.kind.code(),
+                            new.merchant_account_id,
+                            location.clone(),
+                            psam.clone(),
+                            now.0
+                        ],
+                    )
+                    .await?
+                    .int(0)?;
+                audit::append(
+                    tx,
+                    &actor,
+                    now.0,
+                    "terminal.register",
+                    &format!("terminal:{terminal_no}"),
+                    &serde_json::json!({
+                        "kind": new.kind.name(),
+                        "merchant_account_id": new.merchant_account_id,
+                        "location": location,
+                        "psam_serial": psam,
+                    })
+                    .to_string(),
+                )
+                .await?;
+                by_id(tx, id).await
+            })
+        })
+        .await
+}
+
+async fn by_id(tx: &mut Tx<'_>, id: i64) -> AppResult<Terminal> {
+    let lock = tx.for_update();
+    let row = tx
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM terminals WHERE id = $1{lock}"),
+            params![id],
+        )
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("terminal {id} does not exist")))?;
+    Ok(from_row(&row)?)
+}
+
+/// Enables or disables a terminal, moves it to another merchant or place, or binds a PSAM.
+pub async fn update(
+    app: &App,
+    actor: &Actor,
+    id: i64,
+    patch: TerminalPatch,
+) -> AppResult<Terminal> {
+    actor.require(Permission::TerminalsManage)?;
+    let psam = match &patch.psam_serial {
+        Some(s) => Some(check_psam(s)?),
+        None => None,
+    };
+    let now = app.now();
+    let actor = actor.clone();
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                let old = by_id(tx, id).await?;
+                let mut new = old.clone();
+                if let Some(e) = patch.enabled {
+                    new.enabled = e;
+                }
+                if let Some(m) = patch.merchant_account_id {
+                    check_merchant(tx, m).await?;
+                    new.merchant_account_id = Some(m);
+                }
+                if let Some(l) = &patch.location {
+                    let l = l.trim();
+                    if l.is_empty() || l.chars().count() > 100 {
+                        return Err(AppError::invalid(
+                            "invalid_location",
+                            "location must be 1 to 100 characters",
+                        ));
+                    }
+                    new.location = l.to_owned();
+                }
+                if let Some(p) = psam {
+                    new.psam_serial = p;
+                }
+                if new == old {
+                    return Ok(old);
+                }
+                tx.execute(
+                    "UPDATE terminals SET enabled = $1, merchant_account_id = $2, location = $3, \
+                     psam_serial = $4, updated_at = $5 WHERE id = $6",
+                    params![
+                        new.enabled,
+                        new.merchant_account_id,
+                        new.location.clone(),
+                        new.psam_serial.clone(),
+                        now.0,
+                        id
+                    ],
+                )
+                .await?;
+                audit::append(
+                    tx,
+                    &actor,
+                    now.0,
+                    "terminal.update",
+                    &format!("terminal:{}", old.terminal_no),
+                    &serde_json::json!({
+                        "before": { "enabled": old.enabled, "merchant_account_id": old.merchant_account_id, "location": old.location, "psam_serial": old.psam_serial },
+                        "after": { "enabled": new.enabled, "merchant_account_id": new.merchant_account_id, "location": new.location, "psam_serial": new.psam_serial },
+                    })
+                    .to_string(),
+                )
+                .await?;
+                by_id(tx, id).await
+            })
+        })
+        .await
+}
+
+/// Terminals in id order, after `after`.
+pub async fn list(
+    app: &App,
+    actor: &Actor,
+    after: Option<i64>,
+    limit: u32,
+) -> AppResult<Vec<Terminal>> {
+    actor.require(Permission::TerminalsRead)?;
+    let rows = app
+        .store()
+        .query(
+            &format!("SELECT {COLUMNS} FROM terminals WHERE id > $1 ORDER BY id LIMIT $2"),
+            params![
+                after.unwrap_or(0),
+                i64::from(limit.clamp(1, TERMINALS_LIST_MAX))
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(from_row).collect::<anyhow::Result<_>>()?)
+}
+
+pub async fn get(app: &App, actor: &Actor, id: i64) -> AppResult<Terminal> {
+    actor.require(Permission::TerminalsRead)?;
+    let row = app
+        .store()
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM terminals WHERE id = $1"),
+            params![id],
+        )
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("terminal {id} does not exist")))?;
+    Ok(from_row(&row)?)
+}
+
+/// A terminal by number, inside a transaction (for the front end and ingest).
+pub(crate) async fn by_number(
+    tx: &mut Tx<'_>,
+    terminal_no: &str,
+) -> anyhow::Result<Option<Terminal>> {
+    let row = tx
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM terminals WHERE terminal_no = $1"),
+            params![terminal_no],
+        )
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}

@@ -1,0 +1,200 @@
+//! Offline-record ingest on SQLite and PostgreSQL, with real records: a software card pays
+//! through a software PSAM, both personalised from the security module, and the records go
+//! through ingest: posted once, duplicates, gaps filled late, bad TACs, disabled terminals,
+//! amounts over the threshold, a card that lies about its balance.
+
+#[path = "../../card/tests/common/mod.rs"]
+mod common;
+#[path = "../../store/tests/harness/mod.rs"]
+mod harness;
+
+use std::sync::Arc;
+
+use app::cardholders::{self, CardholderKind, NewCardholder};
+use app::cards::{self, IssueRequest};
+use app::ingest::{self, IngestOutcome, IngestPolicy, OfflineRecord};
+use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card};
+use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+use app::terminals::{self, NewTerminal, TerminalKind, TerminalPatch};
+use app::{Actor, App, ManualClock, stock};
+use card::crypto::PurseAlgorithm;
+use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
+use card::purse::Asn;
+use card::soft_card::SoftCard;
+use common::{PSAM_AID, PSAM_FID, PurchaseEnd, PurchaseRecord, arr, purchase, rng, terminal, when};
+use ledger::{AccountKind, Timestamp};
+
+const KEK: &str = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+const ASN: &str = "10000000000000000001";
+
+fn psam_from(module: &SoftwareSecurityModule) -> SoftPsam {
+    let version = module.current_version(KeyKind::Purchase).unwrap();
+    SoftPsam::new(PsamProfile {
+        info: PsamInfo {
+            serial: arr("00000000000000000099"),
+            version: 1,
+            key_card_type: 0,
+            issuer_custom: [0, 0],
+        },
+        terminal_id: terminal(),
+        app_data: PsamAppData {
+            purchase_key_index: KEY_INDEX,
+            issuer_id: *b"ONECARD1",
+            receiver_id: arr("0000000000000002"),
+            start_date: arr("20260101"),
+            expiry_date: arr("20361231"),
+        },
+        app_fid: PSAM_FID,
+        app_name: PSAM_AID.to_vec(),
+        purchase_keys: vec![PsamKey {
+            version,
+            master: module.psam_purchase_master(version).unwrap(),
+        }],
+        first_ttc: 1,
+    })
+    .unwrap()
+}
+
+fn upload(r: &PurchaseRecord) -> OfflineRecord {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02X}")).collect::<String>();
+    let dt = format!("{:?}", r.date_time);
+    let digits: String = dt.chars().filter(|c| c.is_ascii_digit()).collect();
+    OfflineRecord {
+        asn: ASN.into(),
+        counter: r.offline_counter,
+        tx_type: 6,
+        terminal_no: hex(&r.terminal_id.to_bytes()),
+        ttc: r.ttc,
+        amount_fen: r.amount_fen,
+        balance_before_fen: r.balance_before_fen,
+        tx_at: digits[digits.len() - 14..].to_owned(),
+        tac: hex(&r.tac.to_bytes()),
+    }
+}
+
+fn buy(card: &mut SoftCard, psam: &mut SoftPsam, amount: u32, at: &str) -> PurchaseRecord {
+    let mut r = rng(u64::from(amount));
+    match purchase(card, psam, &mut r, amount, &when(at)) {
+        PurchaseEnd::Done(rec) => rec,
+        other => panic!("purchase failed: {other:?}"),
+    }
+}
+
+conformance! {
+    async fn records_post_once_and_doubtful_ones_are_quarantined(db) {
+        let app = App::new(db.store.clone(), Arc::new(ManualClock::new(Timestamp(1_800_000_000_000))));
+        let cli = Actor::cli();
+        let kek = Kek::from_hex(KEK, "test").unwrap();
+        SoftwareSecurityModule::ceremony(app.store(), &kek, PurseAlgorithm::Tdes, Timestamp(0)).await.unwrap();
+        let m = SoftwareSecurityModule::open(app.store(), &kek).await.unwrap();
+        let canteen = app.create_account(AccountKind::MerchantPayable, Some("merchant:canteen-1")).await.unwrap().account.id;
+        let t = terminals::register(&app, &cli, NewTerminal {
+            terminal_no: "000000000001".into(), kind: TerminalKind::Pos, merchant_account_id: Some(canteen.get()),
+            location: "canteen 1, window 3".into(), psam_serial: Some("00000000000000000099".into()),
+        }).await.unwrap();
+        assert_eq!(terminals::register(&app, &cli, NewTerminal {
+            terminal_no: "000000000001".into(), kind: TerminalKind::Pos, merchant_account_id: Some(canteen.get()),
+            location: "x".into(), psam_serial: None,
+        }).await.unwrap_err().code(), "terminal_exists");
+        assert_eq!(terminals::register(&app, &cli, NewTerminal {
+            terminal_no: "12345".into(), kind: TerminalKind::Kiosk, merchant_account_id: None, location: "x".into(), psam_serial: None,
+        }).await.unwrap_err().code(), "invalid_terminal_no");
+
+        // A card issued at the desk and personalised with the same ASN; 100.00 loaded.
+        stock::receive(&app, &cli, ASN, 1, "b").await.unwrap();
+        stock::initialise(&app, &cli, ASN, 1).await.unwrap();
+        let h = cardholders::create(&app, &cli, NewCardholder {
+            number: "S1".into(), name: "Li Lei".into(), kind: CardholderKind::Student,
+            department: "Physics".into(), id_number: None, phone: None,
+        }).await.unwrap();
+        let issued = cards::issue(&app, &cli, IssueRequest { cardholder_id: h.id, ..Default::default() }).await.unwrap();
+        let profile = CardProfile { issuer_id: *b"ONECARD1", start_date: "20260901".into(), expiry_date: "20300831".into(), balance_max_fen: 100_000, pin: "123456".into() };
+        let mut card = personalise_soft_card(&m, Asn::parse_digits(ASN).unwrap(), &profile).unwrap();
+        card.tamper_balance(10_000); // stands for a load of 100.00
+        app::online::cash_top_up(&app, &cli, "t", h.id, 10_000).await.unwrap();
+        let load = app.submit(vec![ledger::Transfer {
+            id: app.new_transfer_id(), debit: h.online_account, credit: issued.purse_account,
+            amount: ledger::Fen::new(10_000), kind: ledger::TransferKind::Single, linked: false, code: app::code::LOAD,
+        }]).await.unwrap();
+        assert!(load[0].is_ok());
+
+        let mut psam = psam_from(&m);
+        let r1 = buy(&mut card, &mut psam, 1_250, "20261128120000");
+        let r2 = buy(&mut card, &mut psam, 800, "20261128120500");
+        let r3 = buy(&mut card, &mut psam, 600, "20261128121000");
+        let r4 = buy(&mut card, &mut psam, 350, "20261128121500");
+        let policy = IngestPolicy::default();
+        let shadow = |app: App| async move {
+            app.account(issued.purse_account).await.unwrap().unwrap().account.balance().get()
+        };
+
+        // Posted once; the same record again is a duplicate.
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r1), upload(&r2), upload(&r1)]).await.unwrap();
+        assert!(matches!(out[0], IngestOutcome::Posted { .. }), "{out:?}");
+        assert!(matches!(out[1], IngestOutcome::Posted { .. }), "{out:?}");
+        assert_eq!(out[2], IngestOutcome::Duplicate, "{out:?}");
+        assert_eq!(shadow(app.clone()).await, 10_000 - 1_250 - 800);
+        assert_eq!(app.account(canteen).await.unwrap().unwrap().account.balance().get(), 2_050);
+        let again = ingest::ingest(&app, &m, policy, vec![upload(&r2)]).await.unwrap();
+        assert_eq!(again, vec![IngestOutcome::Duplicate]);
+
+        // An edited record: its TAC no longer matches; quarantined, never posted.
+        let mut forged = upload(&r2);
+        forged.amount_fen = 80;
+        let out = ingest::ingest(&app, &m, policy, vec![forged]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("bad TAC")), "{out:?}");
+
+        // r4 before r3: a gap, recorded, then filled.
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r4)]).await.unwrap();
+        assert!(matches!(out[0], IngestOutcome::Posted { .. }), "{out:?}");
+        let open = ingest::anomalies(&app, &cli, ASN).await.unwrap();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!((open[0].kind.as_str(), open[0].counter), ("missing_record", i64::from(r3.offline_counter)));
+        assert_eq!(open[0].resolved_at_ms, None);
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r3)]).await.unwrap();
+        assert!(matches!(out[0], IngestOutcome::Posted { .. }), "{out:?}");
+        let after = ingest::anomalies(&app, &cli, ASN).await.unwrap();
+        assert!(after.iter().all(|a| a.resolved_at_ms.is_some()), "{after:?}");
+        assert_eq!(shadow(app.clone()).await, i64::from(card.balance_fen()), "the shadow is the card");
+
+        // A disabled terminal's records are quarantined; over the threshold too.
+        let r5 = buy(&mut card, &mut psam, 2_000, "20261128130000");
+        terminals::update(&app, &cli, t.id, TerminalPatch { enabled: Some(false), ..Default::default() }).await.unwrap();
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r5)]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("disabled")), "{out:?}");
+        terminals::update(&app, &cli, t.id, TerminalPatch { enabled: Some(true), ..Default::default() }).await.unwrap();
+        // Sent again, it stays in quarantine (not stored twice): an operator resolves it.
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r5)]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.starts_with("already quarantined")), "{out:?}");
+        let strict = IngestPolicy { record_amount_fen_max: 1_000 };
+        let r5b = buy(&mut card, &mut psam, 1_500, "20261128130100");
+        let out = ingest::ingest(&app, &m, strict, vec![upload(&r5b)]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("over")), "{out:?}");
+        // Two records quarantined: the shadow is short of them, so the next one shows a
+        // balance mismatch and still posts (its TAC is good).
+        let r5c = buy(&mut card, &mut psam, 500, "20261128130200");
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r5c)]).await.unwrap();
+        assert!(matches!(out[0], IngestOutcome::Posted { .. }), "{out:?}");
+
+        // A card that reports an inflated balance still makes valid TACs: the shadow catches it.
+        card.tamper_balance(card.balance_fen() + 5_000);
+        let r6 = buy(&mut card, &mut psam, 100, "20261128140000");
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r6)]).await.unwrap();
+        assert!(matches!(out[0], IngestOutcome::Posted { .. }), "{out:?}");
+        let lies = ingest::anomalies(&app, &cli, ASN).await.unwrap();
+        assert!(lies.iter().any(|a| a.kind == "balance_mismatch" && a.detail.contains("shadow")), "{lies:?}");
+
+        // Malformed and unknown cards are kept, with the reason.
+        let mut unknown = upload(&r6);
+        unknown.asn = "10000000000000000777".into();
+        let mut junk = upload(&r6);
+        junk.tac = "XYZ".into();
+        let out = ingest::ingest(&app, &m, policy, vec![unknown, junk]).await.unwrap();
+        assert!(out.iter().all(|o| matches!(o, IngestOutcome::Quarantined { .. })), "{out:?}");
+        let q = ingest::quarantined(&app, &cli, None, 50).await.unwrap();
+        assert_eq!(q.len(), 5, "{q:?}"); // forged, disabled, over, unknown card, junk
+        assert!(app.check().await.unwrap().is_ok());
+        assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
+        assert!(terminals::get(&app, &cli, t.id).await.unwrap().last_seen_at_ms.is_some());
+    }
+}
