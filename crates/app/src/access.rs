@@ -125,6 +125,22 @@ pub enum Permission {
 }
 
 impl Permission {
+    pub const ALL: [Permission; 13] = [
+        Permission::CardholdersRead,
+        Permission::CardholdersWrite,
+        Permission::CardsRead,
+        Permission::CardsWrite,
+        Permission::StockRead,
+        Permission::StockWrite,
+        Permission::CashDesk,
+        Permission::Payments,
+        Permission::LedgerRead,
+        Permission::AuditRead,
+        Permission::OperatorsManage,
+        Permission::TerminalsRead,
+        Permission::TerminalsManage,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Permission::CardholdersRead => "cardholders.read",

@@ -304,6 +304,42 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
             }
         }
     }
+    // A POS at each canteen window, the shop and the print centre, and a kiosk.
+    for (i, (merchant, place)) in [
+        (0, "第一食堂 一楼 3号窗口"),
+        (0, "第一食堂 二楼 1号窗口"),
+        (1, "第二食堂 清真窗口"),
+        (2, "校园超市 收银台"),
+        (3, "文印中心"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        crate::terminals::register(
+            app,
+            &actor,
+            crate::terminals::NewTerminal {
+                terminal_no: format!("{:012}", i + 1),
+                kind: crate::terminals::TerminalKind::Pos,
+                merchant_account_id: Some(merchants[merchant].get()),
+                location: place.to_owned(),
+                psam_serial: Some(format!("{:020}", 99 + i)),
+            },
+        )
+        .await?;
+    }
+    crate::terminals::register(
+        app,
+        &actor,
+        crate::terminals::NewTerminal {
+            terminal_no: "000000000101".into(),
+            kind: crate::terminals::TerminalKind::Kiosk,
+            merchant_account_id: None,
+            location: "图书馆 自助圈存机".into(),
+            psam_serial: None,
+        },
+    )
+    .await?;
     // Operators for every role, so that the API and its roles can be tried at once.
     for (username, role) in DEMO_OPERATORS {
         let new = crate::operators::NewOperator {

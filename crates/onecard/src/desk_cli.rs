@@ -795,3 +795,183 @@ pub async fn blacklist(app: &App, since: i64, json: bool) -> anyhow::Result<()> 
     });
     Ok(())
 }
+
+fn terminal_kind(s: &str) -> Result<app::terminals::TerminalKind, String> {
+    app::terminals::TerminalKind::parse(s)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TerminalCommand {
+    /// Register a POS, kiosk or commerce gateway before it may sign in or upload.
+    Register {
+        /// The PSAM's terminal number: 12 hex digits.
+        #[arg(long)]
+        terminal_no: String,
+        /// pos, kiosk or gateway.
+        #[arg(long, value_parser = terminal_kind)]
+        kind: app::terminals::TerminalKind,
+        /// The merchant_payable account its sales credit (required for a POS).
+        #[arg(long)]
+        merchant: Option<i64>,
+        #[arg(long)]
+        location: String,
+        #[arg(long)]
+        psam: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Enable {
+        id: i64,
+    },
+    Disable {
+        id: i64,
+    },
+    /// Bind another PSAM (an empty value unbinds), move to another merchant or place.
+    Update {
+        id: i64,
+        #[arg(long)]
+        merchant: Option<i64>,
+        #[arg(long)]
+        location: Option<String>,
+        #[arg(long)]
+        psam: Option<String>,
+    },
+    /// Offline records kept out of the ledger, with their reasons.
+    Quarantine {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A card's purse anomalies (missing records, balance mismatches).
+    Anomalies {
+        asn: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn terminal_line(t: &app::terminals::Terminal) -> String {
+    format!(
+        "{:>4}  {}  {:<8} merchant {:<6} {:<9} psam {:<20} last seen {}  {}",
+        t.id,
+        t.terminal_no,
+        t.kind.name(),
+        t.merchant_account_id.map_or("-".into(), |m| m.to_string()),
+        if t.enabled { "enabled" } else { "DISABLED" },
+        t.psam_serial.as_deref().unwrap_or("-"),
+        t.last_seen_at_ms.map_or("never".into(), |m| m.to_string()),
+        t.location
+    )
+}
+
+pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
+    use app::terminals::{self, NewTerminal, TerminalPatch};
+    let a = Actor::cli();
+    match cmd {
+        TerminalCommand::Register {
+            terminal_no,
+            kind,
+            merchant,
+            location,
+            psam,
+            json,
+        } => {
+            let t = terminals::register(
+                app,
+                &a,
+                NewTerminal {
+                    terminal_no,
+                    kind,
+                    merchant_account_id: merchant,
+                    location,
+                    psam_serial: psam,
+                },
+            )
+            .await?;
+            print(json, &t, |t| format!("registered {}", terminal_line(t)));
+        }
+        TerminalCommand::List { json } => {
+            let all = terminals::list(app, &a, None, terminals::TERMINALS_LIST_MAX).await?;
+            print(json, &all, |all| {
+                all.iter().map(terminal_line).collect::<Vec<_>>().join("\n")
+            });
+        }
+        TerminalCommand::Enable { id } | TerminalCommand::Disable { id } => {
+            let enabled = matches!(cmd, TerminalCommand::Enable { .. });
+            let patch = TerminalPatch {
+                enabled: Some(enabled),
+                ..Default::default()
+            };
+            println!(
+                "{}",
+                terminal_line(&terminals::update(app, &a, id, patch).await?)
+            );
+        }
+        TerminalCommand::Update {
+            id,
+            merchant,
+            location,
+            psam,
+        } => {
+            let patch = TerminalPatch {
+                enabled: None,
+                merchant_account_id: merchant,
+                location,
+                psam_serial: psam,
+            };
+            println!(
+                "{}",
+                terminal_line(&terminals::update(app, &a, id, patch).await?)
+            );
+        }
+        TerminalCommand::Quarantine { limit, json } => {
+            let q = app::ingest::quarantined(app, &a, None, limit).await?;
+            print(json, &q, |q| {
+                q.iter()
+                    .map(|r| {
+                        format!(
+                            "{:>6}  card {} counter {:>5}  terminal {}  {:>10}  {}",
+                            r.id,
+                            r.asn,
+                            r.counter,
+                            r.terminal_no,
+                            yuan(r.amount_fen),
+                            r.reason
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        TerminalCommand::Anomalies { asn, json } => {
+            let list = app::ingest::anomalies(app, &a, &asn).await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    return format!("card {asn}: no purse anomalies");
+                }
+                list.iter()
+                    .map(|x| {
+                        format!(
+                            "{:<17} counter {:>5}  {}  {}",
+                            x.kind,
+                            x.counter,
+                            if x.resolved_at_ms.is_some() {
+                                "resolved"
+                            } else {
+                                "OPEN    "
+                            },
+                            x.detail
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(())
+}

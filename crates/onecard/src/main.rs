@@ -103,6 +103,10 @@ enum Command {
     /// The audit log: verify its hash chain, or list it.
     #[command(subcommand)]
     Audit(desk_cli::AuditCommand),
+    /// Terminals (POS, kiosks, gateways): register, enable, disable, bind a PSAM; the
+    /// quarantined offline records; a card's purse anomalies.
+    #[command(subcommand)]
+    Terminal(desk_cli::TerminalCommand),
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -473,6 +477,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Blacklist { since, json } => {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
+        }
+        Command::Terminal(cmd) => {
+            desk_cli::terminal(&app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Audit(cmd) => {
             if !desk_cli::audit_command(&app(&config, open(&config, false).await?), cmd).await? {

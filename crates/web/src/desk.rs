@@ -6,7 +6,7 @@
 use app::cardholders::{self, CardholderPatch, ImportOptions, NewCardholder, Search};
 use app::cards::{self, IssueRequest, ReplaceRequest};
 use app::online::{self, PaymentRequest};
-use app::{App, audit, stock};
+use app::{App, audit, ingest, stock, terminals};
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
@@ -162,6 +162,16 @@ pub fn routes() -> Router<App> {
         .route("/api/v1/stock/initialise", post(stock_initialise))
         .route("/api/v1/stock/void", post(stock_void))
         .route("/api/v1/payments", post(pay))
+        .route(
+            "/api/v1/terminals",
+            get(list_terminals).post(register_terminal),
+        )
+        .route(
+            "/api/v1/terminals/{id}",
+            get(get_terminal).patch(update_terminal),
+        )
+        .route("/api/v1/offline-records/quarantined", get(quarantined))
+        .route("/api/v1/cards/by-asn/{asn}/anomalies", get(anomalies))
         .route("/api/v1/audit", get(audit_list))
         .route("/api/v1/audit/verify", get(audit_verify))
 }
@@ -462,4 +472,59 @@ mod tests {
             "invalid type: integer `110***********1234`, expected a string at line 1 column 30"
         );
     }
+}
+
+#[derive(Deserialize)]
+struct After {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn list_terminals(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(p): Params<After>,
+) -> ApiResult {
+    ok(terminals::list(&app, &actor, p.after, p.limit.unwrap_or(100)).await?)
+}
+
+async fn register_terminal(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Body(new): Body<terminals::NewTerminal>,
+) -> ApiResult {
+    ok(terminals::register(&app, &actor, new).await?)
+}
+
+async fn get_terminal(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Id(id): Id,
+) -> ApiResult {
+    ok(terminals::get(&app, &actor, id).await?)
+}
+
+async fn update_terminal(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Id(id): Id,
+    Body(patch): Body<terminals::TerminalPatch>,
+) -> ApiResult {
+    ok(terminals::update(&app, &actor, id, patch).await?)
+}
+
+async fn quarantined(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(p): Params<Page>,
+) -> ApiResult {
+    ok(ingest::quarantined(&app, &actor, p.before, p.limit.unwrap_or(50)).await?)
+}
+
+async fn anomalies(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Path(asn): Path<String>,
+) -> ApiResult {
+    ok(ingest::anomalies(&app, &actor, &asn).await?)
 }

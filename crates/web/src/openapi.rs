@@ -436,6 +436,71 @@ pub fn operations() -> Vec<Operation> {
             )
         },
         Operation {
+            query: &[("after", "ids above this"), ("limit", "rows, at most 1000")],
+            ..op(
+                "get",
+                "/api/v1/terminals",
+                "Registered terminals",
+                Some("terminals.read"),
+                None,
+                list("Terminal"),
+            )
+        },
+        op(
+            "post",
+            "/api/v1/terminals",
+            "Register a terminal (12 hex digit terminal number; a POS needs a merchant)",
+            Some("terminals.manage"),
+            Some(obj(&[
+                ("terminal_no", "str"),
+                ("kind", "TerminalKind"),
+                ("merchant_account_id", "int?"),
+                ("location", "str"),
+                ("psam_serial", "str?"),
+            ])),
+            schema("Terminal"),
+        ),
+        op(
+            "get",
+            "/api/v1/terminals/{id}",
+            "One terminal: merchant, PSAM, enabled, last seen, blacklist version held",
+            Some("terminals.read"),
+            None,
+            schema("Terminal"),
+        ),
+        op(
+            "patch",
+            "/api/v1/terminals/{id}",
+            "Enable or disable a terminal, move it, or bind another PSAM (empty unbinds)",
+            Some("terminals.manage"),
+            Some(obj(&[
+                ("enabled", "bool"),
+                ("merchant_account_id", "int?"),
+                ("location", "str?"),
+                ("psam_serial", "str?"),
+            ])),
+            schema("Terminal"),
+        ),
+        Operation {
+            query: page,
+            ..op(
+                "get",
+                "/api/v1/offline-records/quarantined",
+                "Offline records kept out of the ledger, with the reason, newest first",
+                Some("terminals.read"),
+                None,
+                list("Quarantined"),
+            )
+        },
+        op(
+            "get",
+            "/api/v1/cards/by-asn/{asn}/anomalies",
+            "A card's purse anomalies (missing records, balance mismatches), open ones first",
+            Some("terminals.read"),
+            None,
+            list("Anomaly"),
+        ),
+        Operation {
             query: &[
                 ("actor", "exact actor"),
                 ("action", "exact action"),
@@ -521,7 +586,7 @@ pub fn document() -> Value {
         "info": {
             "title": "onecard API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The JSON API of onecard, the campus card platform. Log in with POST /api/v1/login and send the token as `Authorization: Bearer <token>`. Every operation names the permission it needs (x-permission); roles grant permissions: administrator (all but payments), card_desk (cardholders, cards, stock, cash_desk), finance (reads, ledger.read, cash_desk), auditor (reads, ledger.read, audit.read), merchant_operator (payments for its merchant). Errors are JSON {code, message}; 401 no login, 403 the role does not allow it, 409 a conflict with the current state. Money is in fen (1 yuan = 100 fen).",
+            "description": "The JSON API of onecard, the campus card platform. Log in with POST /api/v1/login and send the token as `Authorization: Bearer <token>`. Every operation names the permission it needs (x-permission); roles grant permissions: administrator (all but payments), card_desk (cardholders, cards, stock, cash_desk), finance (reads, ledger.read, terminals.read, cash_desk), auditor (reads, ledger.read, terminals.read, audit.read), merchant_operator (payments for its merchant). Errors are JSON {code, message}; 401 no login, 403 the role does not allow it, 409 a conflict with the current state. Money is in fen (1 yuan = 100 fen).",
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
@@ -572,6 +637,10 @@ fn schemas() -> Value {
         "Movement": obj(&[("id", "int"), ("at_ms", "int"), ("actor", "str"), ("action", "str"), ("asn_first", "str"), ("asn_last", "str"), ("count", "int"), ("from", "str?"), ("to", "str"), ("note", "str")]),
         "Receipt": obj(&[("transfer_id", "str"), ("cardholder_id", "int"), ("amount_fen", "int"), ("balance_fen", "int"), ("at_ms", "int")]),
         "HistoryEntry": obj(&[("seq", "int"), ("transfer_id", "str"), ("at_ms", "int"), ("account", "int"), ("card_asn", "str?"), ("code", "int"), ("amount_fen", "int")]),
+        "TerminalKind": { "type": "string", "enum": ["pos", "kiosk", "gateway"] },
+        "Terminal": obj(&[("id", "int"), ("terminal_no", "str"), ("kind", "TerminalKind"), ("merchant_account_id", "int?"), ("location", "str"), ("psam_serial", "str?"), ("enabled", "bool"), ("last_seen_at_ms", "int?"), ("signed_in_at_ms", "int?"), ("blacklist_version", "int"), ("created_at_ms", "int"), ("updated_at_ms", "int")]),
+        "Quarantined": obj(&[("id", "int"), ("asn", "str"), ("counter", "int"), ("terminal_no", "str"), ("amount_fen", "int"), ("reason", "str"), ("received_at_ms", "int")]),
+        "Anomaly": obj(&[("id", "int"), ("asn", "str"), ("kind", "str"), ("counter", "int"), ("detail", "str"), ("created_at_ms", "int"), ("resolved_at_ms", "int?")]),
         "AuditEntry": obj(&[("seq", "int"), ("at_ms", "int"), ("actor", "str"), ("source", "str"), ("action", "str"), ("target", "str"), ("summary", "str")]),
     })
 }

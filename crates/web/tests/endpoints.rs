@@ -61,23 +61,10 @@ fn request(
 }
 
 fn permission(name: &str) -> Permission {
-    use Permission::*;
-    [
-        CardholdersRead,
-        CardholdersWrite,
-        CardsRead,
-        CardsWrite,
-        StockRead,
-        StockWrite,
-        CashDesk,
-        Payments,
-        LedgerRead,
-        AuditRead,
-        OperatorsManage,
-    ]
-    .into_iter()
-    .find(|p| p.name() == name)
-    .unwrap_or_else(|| panic!("the document names an unknown permission {name:?}"))
+    Permission::ALL
+        .into_iter()
+        .find(|p| p.name() == name)
+        .unwrap_or_else(|| panic!("the document names an unknown permission {name:?}"))
 }
 
 conformance! {
@@ -110,7 +97,11 @@ conformance! {
         let card = cards::issue(&app, &cli, IssueRequest { cardholder_id: holder.id, ..Default::default() }).await.unwrap();
         app::online::cash_top_up(&app, &cli, "seed", holder.id, 100_000).await.unwrap();
         let transfer = app.account_transfers(holder.online_account, None, 1).await.unwrap()[0].record.transfer.id;
-
+        let terminal = app::terminals::register(&app, &cli, app::terminals::NewTerminal {
+            terminal_no: "0000000000AA".into(), kind: app::terminals::TerminalKind::Pos,
+            merchant_account_id: Some(library.get()), location: "library".into(), psam_serial: None,
+        }).await.unwrap();
+        let mut terminal_no = 0x100u64;
         let mut receive_at = 10_000_000_000_000_000_200u128;
         let mut key = 0;
         let fresh_holder = |n: u64| {
@@ -144,7 +135,8 @@ conformance! {
                 .replace("{asn}", &card.asn)
                 .replace("/accounts/{id}", &format!("/accounts/{}", holder.online_account))
                 .replace("/transfers/{id}", &format!("/transfers/{transfer}"))
-                .replace("/operators/{id}", &format!("/operators/{operator_id}"));
+                .replace("/operators/{id}", &format!("/operators/{operator_id}"))
+                .replace("/terminals/{id}", &format!("/terminals/{}", terminal.id));
             assert!(!path.contains('{'), "no value for a parameter of {}", op.path);
             let mut body = |_role: Option<Role>| -> Option<Value> {
                 Some(match (op.method, op.path) {
@@ -162,6 +154,11 @@ conformance! {
                     }
                     ("post", "/api/v1/stock/initialise") => json!({ "first": "10000000000000000091", "count": 1 }),
                     ("post", "/api/v1/stock/void") => json!({ "first": "10000000000000000099", "count": 1, "reason": "damaged" }),
+                    ("post", "/api/v1/terminals") => {
+                        terminal_no += 1;
+                        json!({ "terminal_no": format!("{terminal_no:012X}"), "kind": "kiosk", "location": "hall" })
+                    }
+                    ("patch", "/api/v1/terminals/{id}") => json!({ "location": "library, desk 2" }),
                     ("post", "/api/v1/payments") => json!({ "card_asn": card.asn, "amount_fen": 1, "description": "fine" }),
                     _ => return op.body.as_ref().map(|_| json!({})),
                 })
