@@ -188,6 +188,21 @@ fn check(
     }
 }
 
+/// Records inserted per statement (13 parameters each).
+const RECORD_ROWS_PER_INSERT: usize = 200;
+
+/// A record under some key, stored or earlier in the batch.
+#[derive(Clone)]
+struct Stored {
+    posted: bool,
+    tac: Vec<u8>,
+    amount_fen: i64,
+    terminal_no: String,
+    ttc: i64,
+    tx_at: String,
+    reason: String,
+}
+
 /// A card as ingest needs it.
 struct CardState {
     purse: AccountId,
@@ -253,32 +268,37 @@ async fn decide_and_write(
             let found = crate::terminals::by_number(tx, e.key()).await?;
             e.insert(found);
         }
-        if !cards.contains_key(&c.record.asn) {
-            let row = tx
-                .query_opt(
-                    "SELECT purse_account_id FROM cards WHERE asn = $1",
-                    params![c.record.asn.clone()],
-                )
-                .await?;
-            let state = match row {
-                None => None,
-                Some(r) => {
-                    let last = tx
-                        .query_one(
-                            "SELECT max(counter) FROM offline_records WHERE asn = $1 \
-                             AND tx_type = $2 AND status = 0",
-                            params![c.record.asn.clone(), i64::from(TX_EP_PURCHASE)],
-                        )
-                        .await?
-                        .opt_int(0)?;
-                    Some(CardState {
-                        purse: AccountId::new(r.int(0)?)
-                            .ok_or_else(|| anyhow::anyhow!("bad purse account id"))?,
-                        last_counter: last.map(|l| l as u16),
-                    })
-                }
-            };
-            cards.insert(c.record.asn.clone(), state);
+    }
+    // Cards, with the last posted purchase counter of each: one query per 500 cards.
+    let mut asns: Vec<String> = checked.iter().map(|c| c.record.asn.clone()).collect();
+    asns.dedup();
+    for chunk in asns.chunks(500) {
+        let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+        let mut values: Vec<store::Value> = vec![i64::from(TX_EP_PURCHASE).into()];
+        values.extend(chunk.iter().map(|a| store::Value::from(a.clone())));
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT c.asn, c.purse_account_id, (SELECT max(o.counter) FROM \
+                     offline_records o WHERE o.asn = c.asn AND o.tx_type = $1 AND o.status = 0) \
+                     FROM cards c WHERE c.asn IN ({})",
+                    placeholders.join(", ")
+                ),
+                &values,
+            )
+            .await?
+        {
+            cards.insert(
+                row.text(0)?,
+                Some(CardState {
+                    purse: AccountId::new(row.int(1)?)
+                        .ok_or_else(|| anyhow::anyhow!("bad purse account id"))?,
+                    last_counter: row.opt_int(2)?.map(|l| l as u16),
+                }),
+            );
+        }
+        for a in chunk {
+            cards.entry(a.clone()).or_insert(None);
         }
     }
     // Lock every account the batch may post to, in id order, then read the purse shadows.
@@ -311,55 +331,50 @@ async fn decide_and_write(
         }
     }
     let mut transfers: Vec<Transfer> = Vec::new();
+    let mut rows: Vec<Vec<store::Value>> = Vec::with_capacity(checked.len());
+    let mut pending: HashMap<(String, u8, u16), Vec<Stored>> = HashMap::new();
     for c in checked.iter_mut() {
         let r = &c.record;
         let terminal_no = r.terminal_no.to_ascii_uppercase();
-        // A record already here under this key?
-        let existing = tx
+        // A record already here under this key (stored, or earlier in this batch)?
+        let key = (r.asn.clone(), r.tx_type, r.counter);
+        let mut existing: Vec<Stored> = pending.get(&key).cloned().unwrap_or_default();
+        for row in tx
             .query(
-                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at FROM offline_records \
-                 WHERE asn = $1 AND tx_type = $2 AND counter = $3",
+                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason \
+                 FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3",
                 params![r.asn.clone(), i64::from(r.tx_type), i64::from(r.counter)],
             )
-            .await?;
-        let same = |row: &store::Row| -> anyhow::Result<bool> {
-            Ok(row.blob(1)? == c.tac
-                && row.int(2)? == i64::from(r.amount_fen)
-                && row.text(3)? == terminal_no
-                && row.int(4)? == i64::from(r.ttc)
-                && row.text(5)? == r.tx_at)
-        };
-        let mut duplicate = None;
-        let mut posted_exists = false;
-        for row in &existing {
-            if same(row)? && duplicate.is_none() {
-                duplicate = Some(row.int(0)? == 0);
-            }
-            posted_exists |= row.int(0)? == 0;
+            .await?
+        {
+            existing.push(Stored {
+                posted: row.int(0)? == 0,
+                tac: row.blob(1)?,
+                amount_fen: row.int(2)?,
+                terminal_no: row.text(3)?,
+                ttc: row.int(4)?,
+                tx_at: row.text(5)?,
+                reason: row.text(6)?,
+            });
         }
-        match duplicate {
+        let same = |e: &Stored| {
+            e.tac == c.tac
+                && e.amount_fen == i64::from(r.amount_fen)
+                && e.terminal_no == terminal_no
+                && e.ttc == i64::from(r.ttc)
+                && e.tx_at == r.tx_at
+        };
+        let posted_exists = existing.iter().any(|e| e.posted);
+        match existing.iter().find(|e| same(e)) {
             // Sent again: answered, not stored again.
-            Some(true) => {
+            Some(e) if e.posted => {
                 outcomes[c.index] = Some(IngestOutcome::Duplicate);
                 continue;
             }
             // Sent again while quarantined: it stays there (an operator resolves it).
-            Some(false) if !posted_exists => {
-                let reason = tx
-                    .query_one(
-                        "SELECT reason FROM offline_records WHERE asn = $1 AND tx_type = $2 \
-                         AND counter = $3 AND status = 1 AND tac = $4 ORDER BY id LIMIT 1",
-                        params![
-                            r.asn.clone(),
-                            i64::from(r.tx_type),
-                            i64::from(r.counter),
-                            c.tac.clone()
-                        ],
-                    )
-                    .await?
-                    .text(0)?;
+            Some(e) if !posted_exists => {
                 outcomes[c.index] = Some(IngestOutcome::Quarantined {
-                    reason: format!("already quarantined: {reason}"),
+                    reason: format!("already quarantined: {}", e.reason),
                 });
                 continue;
             }
@@ -479,39 +494,35 @@ async fn decide_and_write(
                 transfer_id = Some(id);
             }
         }
-        let status = i64::from(reason.is_some());
-        tx.execute(
-            "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
-             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            params![
-                r.asn.clone(),
-                i64::from(r.counter),
-                i64::from(r.tx_type),
-                terminal_no.clone(),
-                i64::from(r.ttc),
-                i64::from(r.amount_fen),
-                i64::from(r.balance_before_fen),
-                r.tx_at.clone(),
-                if c.tac.len() == 4 {
-                    c.tac.clone()
-                } else {
-                    vec![0; 4]
-                },
-                status,
-                reason.clone().unwrap_or_default(),
-                transfer_id.map(|t| t.to_bytes().to_vec()),
-                now.0
-            ],
-        )
-        .await?;
-        if terminal.is_some() {
-            tx.execute(
-                "UPDATE terminals SET last_seen_at = $1 WHERE terminal_no = $2",
-                params![now.0, terminal_no],
-            )
-            .await?;
-        }
+        let tac = if c.tac.len() == 4 {
+            c.tac.clone()
+        } else {
+            vec![0; 4]
+        };
+        rows.push(vec![
+            r.asn.clone().into(),
+            i64::from(r.counter).into(),
+            i64::from(r.tx_type).into(),
+            terminal_no.clone().into(),
+            i64::from(r.ttc).into(),
+            i64::from(r.amount_fen).into(),
+            i64::from(r.balance_before_fen).into(),
+            r.tx_at.clone().into(),
+            tac.clone().into(),
+            i64::from(reason.is_some()).into(),
+            reason.clone().unwrap_or_default().into(),
+            transfer_id.map(|t| t.to_bytes().to_vec()).into(),
+            now.0.into(),
+        ]);
+        pending.entry(key).or_default().push(Stored {
+            posted: reason.is_none(),
+            tac,
+            amount_fen: i64::from(r.amount_fen),
+            terminal_no: terminal_no.clone(),
+            ttc: i64::from(r.ttc),
+            tx_at: r.tx_at.clone(),
+            reason: reason.clone().unwrap_or_default(),
+        });
         outcomes[c.index] = Some(match (reason, transfer_id) {
             (Some(reason), _) => IngestOutcome::Quarantined { reason },
             (None, Some(id)) => IngestOutcome::Posted {
@@ -519,6 +530,39 @@ async fn decide_and_write(
             },
             (None, None) => unreachable!("a record is posted or has a reason"),
         });
+    }
+    // The records, many a statement.
+    for chunk in rows.chunks(RECORD_ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
+             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at) VALUES ",
+        );
+        let mut values = Vec::with_capacity(chunk.len() * 13);
+        for (i, row) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for k in 0..13 {
+                if k > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("${}", i * 13 + k + 1));
+            }
+            sql.push(')');
+            values.extend(row.iter().cloned());
+        }
+        tx.execute(&sql, &values).await?;
+    }
+    // Terminals that sent records were seen now (once per terminal, not per record).
+    for (terminal_no, t) in &terminals {
+        if t.is_some() {
+            tx.execute(
+                "UPDATE terminals SET last_seen_at = $1 WHERE terminal_no = $2",
+                params![now.0, terminal_no.clone()],
+            )
+            .await?;
+        }
     }
     // The shadows were checked under the locks: every transfer must apply.
     crate::post_all(tx, &transfers, now).await?;

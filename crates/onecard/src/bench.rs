@@ -470,3 +470,237 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct IngestArgs {
+    /// Which store backends to measure.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BackendChoice,
+    /// Offline records per run.
+    #[arg(long, default_value_t = 200_000)]
+    records: usize,
+    /// Cards the records are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    cards: usize,
+    /// Records per ingest call.
+    #[arg(long, default_value_t = 8_000)]
+    batch: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// PostgreSQL server for a scratch database (as for `bench ledger`).
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+}
+
+/// `onecard bench ingest`: offline purchase records with real TACs (made from the security
+/// module's card keys) ingested in batches into a fresh database: TAC verification, the
+/// duplicate key, continuity checks, the ledger postings and the record rows. Setting up the
+/// cards and making the records is not timed.
+pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    use app::ingest::{IngestOutcome, IngestPolicy, OfflineRecord};
+    use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+    use card::purse::{Asn, TerminalId, TxDateTime, TxType};
+    anyhow::ensure!(
+        args.runs >= 1 && args.cards >= 1 && args.batch >= 1,
+        "--runs, --cards and --batch must be at least 1"
+    );
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are meaningless (use --release)");
+    }
+    println!(
+        "onecard bench ingest: {} records over {} cards, batches of {}, one terminal",
+        args.records, args.cards, args.batch
+    );
+    println!("{:<10} {:>14}   runs", "backend", "records/s");
+    for (backend, wanted) in [
+        (
+            "sqlite",
+            matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All),
+        ),
+        (
+            "postgres",
+            matches!(args.backend, BackendChoice::Postgres | BackendChoice::All),
+        ),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let mut per_s = Vec::new();
+        for run in 0..args.runs {
+            let dir = tempfile::tempdir()?;
+            let (store, scratch) = if backend == "sqlite" {
+                let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
+                (Store::open(&url, StoreOptions::default()).await?, None)
+            } else {
+                let server_text = args
+                    .pg_url
+                    .clone()
+                    .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
+                    .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
+                    .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
+                let server = DatabaseUrl::parse(&server_text)?;
+                let name = format!("onecard_bench_{}_{run}", std::process::id());
+                let url = store::create_scratch_database(&server, &name).await?;
+                (
+                    Store::open(&url, StoreOptions::default()).await?,
+                    Some((server, name)),
+                )
+            };
+            let app = app::App::new(store.clone(), std::sync::Arc::new(app::SystemClock));
+            let actor = app::Actor::cli();
+            let kek = Kek::from_hex(&Kek::generate_hex()?, "bench")?;
+            SoftwareSecurityModule::ceremony(
+                &store,
+                &kek,
+                card::crypto::PurseAlgorithm::Tdes,
+                now(),
+            )
+            .await?;
+            let module = SoftwareSecurityModule::open(&store, &kek).await?;
+            // Cards, each with a purse shadow to spend.
+            let first = "10000000000000000001";
+            app::stock::receive(&app, &actor, first, args.cards as u64, "bench").await?;
+            app::stock::initialise(&app, &actor, first, args.cards as u64).await?;
+            let csv = app::demo::cardholders_csv(args.cards, 1, 7);
+            app::cardholders::import_csv(
+                &app,
+                &actor,
+                csv.as_bytes(),
+                app::cardholders::ImportOptions {
+                    issue_cards: true,
+                    progress: None,
+                },
+            )
+            .await?;
+            let merchant = app
+                .create_account(AccountKind::MerchantPayable, Some("merchant:canteen"))
+                .await?
+                .account
+                .id;
+            let bank = app
+                .create_account(AccountKind::BankClearing, Some("bank:bench"))
+                .await?
+                .account
+                .id;
+            app::terminals::register(
+                &app,
+                &actor,
+                app::terminals::NewTerminal {
+                    terminal_no: "000000000001".into(),
+                    kind: app::terminals::TerminalKind::Pos,
+                    merchant_account_id: Some(merchant.get()),
+                    location: "bench".into(),
+                    psam_serial: None,
+                },
+            )
+            .await?;
+            let purses: Vec<(String, AccountId)> = store
+                .query("SELECT asn, purse_account_id FROM cards ORDER BY asn", &[])
+                .await?
+                .iter()
+                .map(|r| Ok((r.text(0)?, AccountId::new(r.int(1)?).expect("positive"))))
+                .collect::<anyhow::Result<_>>()?;
+            let per_card = args.records.div_ceil(args.cards);
+            let load_fen = 1_000 * per_card as i64;
+            let mut n = 0u128;
+            let loads: Vec<Transfer> = purses
+                .iter()
+                .map(|(_, purse)| {
+                    n += 1;
+                    Transfer {
+                        id: TransferId::new((7 << 96) + n).expect("non-zero"),
+                        debit: bank,
+                        credit: *purse,
+                        amount: Fen::new(load_fen),
+                        kind: TransferKind::Single,
+                        linked: false,
+                        code: app::code::LOAD,
+                    }
+                })
+                .collect();
+            for chunk in loads.chunks(5_000) {
+                store.submit(chunk.to_vec(), now()).await?;
+            }
+            // Records with real TACs, card by card in counter order, interleaved across cards.
+            let version = module
+                .current_version(KeyKind::Tac)
+                .expect("ceremony made it");
+            let terminal = TerminalId::new([0, 0, 0, 0, 0, 1]);
+            let mut per_card_records: Vec<Vec<OfflineRecord>> = Vec::with_capacity(purses.len());
+            let mut ttc = 0u32;
+            for (asn_text, _) in &purses {
+                let asn = Asn::parse_digits(asn_text).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let tac_key = module.card_keys(version, &asn)?.tac.tac_key();
+                let mut balance = load_fen as u32;
+                let mut list = Vec::with_capacity(per_card);
+                for k in 0..per_card {
+                    ttc += 1;
+                    let amount = 100 + (ttc % 800);
+                    let at = format!(
+                        "20261128{:02}{:02}{:02}",
+                        8 + k / 3600 % 12,
+                        k / 60 % 60,
+                        k % 60
+                    );
+                    let dt = TxDateTime::parse_digits(&at).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let tac = card::crypto::purchase_tac(
+                        &tac_key,
+                        amount,
+                        TxType::EpPurchase,
+                        &terminal,
+                        ttc,
+                        &dt,
+                    );
+                    list.push(OfflineRecord {
+                        asn: asn_text.clone(),
+                        counter: k as u16,
+                        tx_type: 6,
+                        terminal_no: "000000000001".into(),
+                        ttc,
+                        amount_fen: amount,
+                        balance_before_fen: balance,
+                        tx_at: at,
+                        tac: tac.to_bytes().iter().map(|b| format!("{b:02X}")).collect(),
+                    });
+                    balance -= amount;
+                }
+                per_card_records.push(list);
+            }
+            let mut records = Vec::with_capacity(args.records);
+            for k in 0..per_card {
+                for list in &per_card_records {
+                    if let Some(r) = list.get(k) {
+                        records.push(r.clone());
+                    }
+                }
+            }
+            records.truncate(args.records);
+            drop(per_card_records);
+            let started = Instant::now();
+            let mut posted = 0usize;
+            for chunk in records.chunks(args.batch) {
+                let out =
+                    app::ingest::ingest(&app, &module, IngestPolicy::default(), chunk.to_vec())
+                        .await?;
+                posted += out
+                    .iter()
+                    .filter(|o| matches!(o, IngestOutcome::Posted { .. }))
+                    .count();
+            }
+            per_s.push(records.len() as f64 / started.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                posted == records.len(),
+                "only {posted} of {} records posted",
+                records.len()
+            );
+            let check = store.check().await?;
+            anyhow::ensure!(check.is_ok(), "db-check failed after the ingest: {check}");
+            drop((app, store, module));
+            if let Some((server, name)) = scratch {
+                store::drop_scratch_database(&server, &name).await?;
+            }
+        }
+        row(backend, "offline records, TAC-verified, posted", per_s);
+    }
+    Ok(())
+}

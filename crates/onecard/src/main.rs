@@ -290,6 +290,8 @@ enum BenchCommand {
     Ledger(bench::LedgerArgs),
     /// Cardholder import with a card each (the CSV path of the card desk).
     Import(bench::ImportArgs),
+    /// Offline-record ingest with TAC verification.
+    Ingest(bench::IngestArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -464,6 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Transfer(cmd) => return transfer(&config, cmd).await,
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
         Command::Bench(BenchCommand::Import(args)) => bench::import(args).await?,
+        Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
         Command::Cardholder(cmd) => {
