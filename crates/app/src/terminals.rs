@@ -198,6 +198,24 @@ pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<T
                         format!("terminal {terminal_no} is registered already"),
                     ));
                 }
+                // Messages name a terminal by the last 8 digits of its number (F41 is 8
+                // characters): they must be unique too.
+                if let Some(other) = tx
+                    .query_opt(
+                        "SELECT terminal_no FROM terminals WHERE substr(terminal_no, 5) = $1",
+                        params![terminal_no[4..].to_owned()],
+                    )
+                    .await?
+                {
+                    return Err(AppError::conflict(
+                        "terminal_exists",
+                        format!(
+                            "terminal {} ends in the same 8 digits as {terminal_no}; messages \
+                             name terminals by those 8 digits (field 41)",
+                            other.text(0)?
+                        ),
+                    ));
+                }
                 let id = tx
                     .query_one(
                         "INSERT INTO terminals (terminal_no, kind, merchant_account_id, location, \
