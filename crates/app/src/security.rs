@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use aes_kw::{KeyInit, KwAes256};
 use anyhow::Context as _;
 use card::crypto::{
-    Mac4, PreparedMacKey, PreparedPurseKey, PurseAlgorithm, PurseKey, load_mac1, load_mac2,
-    load_tac, purchase_tac,
+    DesKey, Mac4, PreparedMacKey, PreparedPurseKey, PurseAlgorithm, PurseKey, Tdes2Key, load_mac1,
+    load_mac2, load_tac, purchase_tac,
 };
 use card::purse::{Asn, TerminalId, TxDateTime, TxType};
 use ledger::Timestamp;
@@ -220,8 +220,46 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
     /// Whether an uploaded purchase record's TAC was made by the card with this ASN.
     fn verify_purchase_tac(&self, version: u8, record: &PurchaseTacInput) -> anyhow::Result<bool>;
 
+    /// A terminal's master key (TMK): the terminal-master key of `version` diversified by the
+    /// terminal number. It leaves the module only towards the terminal being installed.
+    fn terminal_master(&self, version: u8, terminal: &TerminalId) -> anyhow::Result<Tdes2Key>;
+
+    /// Fresh working keys for a terminal's sign-in (spec 3.6, 60.3 `003`): field 62 (a PIN
+    /// key and the MAC key, each under the terminal's TMK, each with its check value) and the
+    /// session that makes and checks the terminal's MACs until its next sign-in.
+    fn terminal_sign_in(
+        &self,
+        version: u8,
+        terminal: &TerminalId,
+    ) -> anyhow::Result<(Vec<u8>, TerminalSession)>;
+
     /// Kinds, versions and check values: never keys.
     fn list(&self) -> Vec<KeyInfo>;
+}
+
+/// A signed-in terminal's working MAC key, inside the module's process. A hardware module
+/// would keep the key and hand out a reference; the front end only ever asks for MACs.
+pub struct TerminalSession {
+    mak: DesKey,
+}
+
+impl fmt::Debug for TerminalSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TerminalSession(<redacted>)")
+    }
+}
+
+impl TerminalSession {
+    /// The MAC of `data` with the session's MAK, by the algorithm the profile names.
+    pub fn mac(&self, algorithm: iso8583::MacAlgorithm, data: &[u8]) -> anyhow::Result<[u8; 8]> {
+        match algorithm {
+            iso8583::MacAlgorithm::CupsEcb => Ok(card::crypto::cups_ecb_mac(&self.mak, data)),
+            iso8583::MacAlgorithm::X9_9 => Ok(card::crypto::x9_9_mac(&self.mak, [0; 8], data)),
+            iso8583::MacAlgorithm::X9_19 => anyhow::bail!(
+                "X9.19 needs a double-length MAC key; terminals sign in with a single-length one"
+            ),
+        }
+    }
 }
 
 /// The diversified keys of one card.
@@ -524,6 +562,40 @@ impl SecurityModule for SoftwareSecurityModule {
             &r.date_time,
         );
         Ok(tac.verify(&r.tac))
+    }
+
+    fn terminal_master(&self, version: u8, terminal: &TerminalId) -> anyhow::Result<Tdes2Key> {
+        let master = self.key(KeyKind::TerminalMaster, version)?;
+        anyhow::ensure!(
+            master.algorithm() == PurseAlgorithm::Tdes,
+            "terminal master key version {version} is not 3DES; terminal keys are DES keys"
+        );
+        let t = terminal.to_bytes();
+        // The terminal number, then "TM": the 8-byte diversification factor.
+        let factor = [t[0], t[1], t[2], t[3], t[4], t[5], 0x54, 0x4D];
+        let tmk = master.diversify(&factor);
+        Ok(Tdes2Key::from_slice(tmk.expose_bytes()).expect("16 bytes"))
+    }
+
+    fn terminal_sign_in(
+        &self,
+        version: u8,
+        terminal: &TerminalId,
+    ) -> anyhow::Result<(Vec<u8>, TerminalSession)> {
+        let tmk = self.terminal_master(version, terminal)?;
+        let mut pik = Zeroizing::new([0u8; 16]);
+        let mut mak = Zeroizing::new([0u8; 8]);
+        getrandom::fill(pik.as_mut()).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+        getrandom::fill(mak.as_mut()).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+        let pik = Tdes2Key::from_slice(pik.as_ref()).expect("16 bytes");
+        let mak = DesKey::from_slice(mak.as_ref()).expect("8 bytes");
+        let mut f62 = Vec::with_capacity(40);
+        f62.extend_from_slice(&tmk.wrap_tdes_key(&pik));
+        f62.extend_from_slice(&pik.check_value());
+        f62.extend_from_slice(&tmk.wrap_des_key(&mak));
+        f62.extend_from_slice(&[0u8; 8]);
+        f62.extend_from_slice(&mak.check_value());
+        Ok((f62, TerminalSession { mak }))
     }
 
     fn list(&self) -> Vec<KeyInfo> {

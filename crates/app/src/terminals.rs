@@ -386,3 +386,66 @@ pub(crate) async fn by_number(
         .await?;
     row.as_ref().map(from_row).transpose()
 }
+
+/// The terminal that field 41 names: the last 8 digits of its number.
+pub async fn by_f41(app: &App, f41: &str) -> anyhow::Result<Option<Terminal>> {
+    if f41.len() != 8 || !f41.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let row = app
+        .store()
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM terminals WHERE substr(terminal_no, 5) = $1"),
+            params![f41.to_ascii_uppercase()],
+        )
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Records a successful sign-in (time, and the audit log).
+pub async fn record_sign_in(app: &App, terminal_no: &str, peer: &str) -> anyhow::Result<()> {
+    let now = app.now();
+    let (terminal_no, peer) = (terminal_no.to_owned(), peer.to_owned());
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE terminals SET signed_in_at = $1, last_seen_at = $1 WHERE terminal_no = $2",
+                    params![now.0, terminal_no.clone()],
+                )
+                .await?;
+                let actor = Actor { name: "posp".into(), source: peer, ..Actor::system() };
+                audit::append(tx, &actor, now.0, "terminal.sign_in", &format!("terminal:{terminal_no}"), "{}")
+                    .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .await
+}
+
+/// Records a refused sign-in in the audit log (who tried, from where, why).
+pub async fn record_refusal(app: &App, peer: &str, f41: &str, why: &str) -> anyhow::Result<()> {
+    let now = app.now();
+    let (peer, f41, why) = (peer.to_owned(), f41.to_owned(), why.to_owned());
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                let actor = Actor {
+                    name: "posp".into(),
+                    source: peer,
+                    ..Actor::system()
+                };
+                audit::append(
+                    tx,
+                    &actor,
+                    now.0,
+                    "terminal.sign_in_refused",
+                    &format!("terminal-f41:{f41}"),
+                    &serde_json::json!({ "reason": why }).to_string(),
+                )
+                .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .await
+}

@@ -15,13 +15,14 @@ pub const DATA_DIR_DEFAULT: &str = "onecard-data";
 pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 
 /// Environment variables onecard reads; any other `ONECARD_*` variable is refused.
-pub const ENV_VARS: [&str; 10] = [
+pub const ENV_VARS: [&str; 11] = [
     "ONECARD_CONFIG",
     "ONECARD_KEK",
     "ONECARD_KEK_FILE",
     "ONECARD_DATA_DIR",
     "ONECARD_DATABASE_URL",
     "ONECARD_HTTP_LISTEN",
+    "ONECARD_POSP_LISTEN",
     "ONECARD_LOG",
     // The password for `onecard operator create|passwd` without --password-file.
     "ONECARD_OPERATOR_PASSWORD",
@@ -38,6 +39,7 @@ struct FileConfig {
     kek_file: Option<PathBuf>,
     log: Option<String>,
     http: Option<HttpFile>,
+    posp: Option<HttpFile>,
     cards: Option<CardsFile>,
 }
 
@@ -64,6 +66,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: DatabaseUrl,
     pub http_listen: SocketAddr,
+    /// Where the terminal front end listens; off when unset (it needs the KEK).
+    pub posp_listen: Option<SocketAddr>,
     pub log_filter: String,
     /// Where the key-encryption key is read from: a file, else the ONECARD_KEK value. No
     /// default: without one, commands that need master keys refuse to run.
@@ -140,6 +144,12 @@ impl Config {
         let http_listen = listen_text.parse().map_err(|_| {
             anyhow::anyhow!("invalid HTTP listen address {listen_text:?}: expected IP:PORT such as {HTTP_LISTEN_DEFAULT}")
         })?;
+        let posp_listen = match env("ONECARD_POSP_LISTEN").or(file.posp.and_then(|p| p.listen)) {
+            Some(text) => Some(text.parse().map_err(|_| {
+                anyhow::anyhow!("invalid terminal front end address {text:?}: expected IP:PORT such as 127.0.0.1:9000")
+            })?),
+            None => None,
+        };
         let log_filter = env("ONECARD_LOG")
             .or(file.log)
             .unwrap_or_else(|| "info".to_owned());
@@ -177,6 +187,7 @@ impl Config {
             data_dir,
             database_url,
             http_listen,
+            posp_listen,
             log_filter,
             kek_file,
             kek_env,

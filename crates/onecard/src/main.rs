@@ -564,10 +564,29 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
             }
         }
     });
+    let posp = match config.posp_listen {
+        None => None,
+        Some(at) => {
+            let kek = load_kek(config).context("the terminal front end needs the KEK")?;
+            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
+            let module: Arc<dyn app::security::SecurityModule> = Arc::new(module);
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("listening for terminals on {at}"))?;
+            println!("terminal front end on {}", listener.local_addr()?);
+            let front = posp::Posp::new(app.clone(), module, posp::PospConfig::default());
+            Some(tokio::spawn(front.serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })))
+        }
+    };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     let result = web::serve(listener, app, shutdown).await;
+    if let Some(p) = posp {
+        p.abort();
+    }
     sweep.abort();
     settle.abort();
     result

@@ -1,0 +1,364 @@
+//! The terminal front end (POSP): POS terminals, kiosks and commerce gateways connect over
+//! TCP and speak the CUPS POS dialect of ISO 8583 as docs/protocol.md writes it down.
+//!
+//! Built so far: sign-in (only a registered, enabled terminal with its bound PSAM; fresh PIN
+//! and MAC keys under its terminal master key), echo, sign-off, and purse-record upload (0320,
+//! MAC checked, through offline-record ingest). Still to come: online authorisation,
+//! confirmation, reversal, blacklist download and settlement (answered `12` for now).
+//!
+//! Limits, each named: connections at once ([`PospConfig::connections_max`]; more wait in
+//! the kernel's backlog), the time one message may take ([`PospConfig::message_timeout_ms`]),
+//! how long a connection may stay idle ([`PospConfig::idle_timeout_ms`]), and the largest
+//! frame (the profile's 65,535 bytes). A frame that cannot be parsed closes its own
+//! connection and no other.
+//!
+//! Sessions (the working MAC key of each signed-in terminal) live in memory, in the security
+//! module's [`TerminalSession`]: after a restart terminals are answered `77` and sign in again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use app::security::{KeyKind, SecurityModule, TerminalSession};
+use app::{Actor, App};
+use iso8583::{MacCheck, Message, Profile, frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The header onecard answers with (docs/protocol.md section 1).
+pub const HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
+
+/// The front end's limits.
+#[derive(Clone, Debug)]
+pub struct PospConfig {
+    pub connections_max: usize,
+    pub message_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for PospConfig {
+    fn default() -> PospConfig {
+        PospConfig {
+            connections_max: 1_024,
+            message_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+        }
+    }
+}
+
+/// What the front end shares between connections.
+#[derive(Clone)]
+pub struct Posp {
+    app: App,
+    module: Arc<dyn SecurityModule>,
+    profile: Arc<Profile>,
+    config: PospConfig,
+    /// Signed-in terminals by their 12-digit number.
+    sessions: Arc<Mutex<HashMap<String, Arc<TerminalSession>>>>,
+}
+
+impl std::fmt::Debug for Posp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Posp")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Posp {
+    pub fn new(app: App, module: Arc<dyn SecurityModule>, config: PospConfig) -> Posp {
+        Posp {
+            app,
+            module,
+            profile: Arc::new(Profile::cups_pos()),
+            config,
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Accepts connections until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.connections_max));
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                p = slots.clone().acquire_owned() => p?,
+            };
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                a = listener.accept() => a?,
+            };
+            let posp = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = posp.connection(stream).await {
+                    tracing::info!(%peer, error = %e, "terminal connection closed");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(&self, mut stream: TcpStream) -> anyhow::Result<()> {
+        let peer = stream.peer_addr()?.ip().to_string();
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        let idle = Duration::from_millis(self.config.idle_timeout_ms);
+        loop {
+            // Answer every whole frame already received.
+            loop {
+                let parsed = frame::split(&self.profile, &buf)
+                    .map_err(|e| anyhow::anyhow!("{e}; closing the connection"))?;
+                let Some((f, used)) = parsed else { break };
+                let reply_tpdu = f.reply_tpdu();
+                let request = f.message.to_vec();
+                buf.drain(..used);
+                let limit = Duration::from_millis(self.config.message_timeout_ms);
+                let answer = tokio::time::timeout(limit, self.handle(&request, &peer))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("a message took longer than {limit:?}"))??;
+                if let Some(body) = answer {
+                    let out = frame::build(&self.profile, reply_tpdu, &HEADER, &body)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    stream.write_all(&out).await?;
+                }
+            }
+            let n = tokio::time::timeout(idle, stream.read(&mut chunk))
+                .await
+                .map_err(|_| anyhow::anyhow!("idle for {idle:?}"))??;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Answers one message (`None`: no answer, the connection closes).
+    async fn handle(&self, bytes: &[u8], peer: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let request = match iso8583::decode(&self.profile, bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "undecodable message");
+                anyhow::bail!("undecodable message: {e}");
+            }
+        };
+        let mut answer = Message::new(&reply_mti(request.mti_str()));
+        for f in [3, 4, 11, 41, 42, 49, 60] {
+            if let Some(v) = request.get(f) {
+                answer.set(f, v.to_vec());
+            }
+        }
+        let network = request.text(60).and_then(|t| t.get(8..11)).unwrap_or("");
+        match (request.mti_str(), network) {
+            ("0800", "003") | ("0800", "001") | ("0800", "004") => {
+                self.sign_in(&request, &mut answer, peer).await?;
+                Ok(Some(self.encode(&answer)?))
+            }
+            ("0820", "301") => {
+                answer.set(39, "00");
+                Ok(Some(self.encode(&answer)?))
+            }
+            ("0820", "002") => {
+                if let Some(t) = self.terminal_no(&request).await? {
+                    self.sessions.lock().expect("sessions").remove(&t);
+                }
+                answer.set(39, "00");
+                Ok(Some(self.encode(&answer)?))
+            }
+            ("0320", _) => {
+                let Some(session) = self.session(&request).await? else {
+                    answer.set(39, "77");
+                    return Ok(Some(self.encode(&answer)?));
+                };
+                let check = iso8583::decode_verified(&self.profile, bytes, |alg, mab| {
+                    session.mac(alg, mab).unwrap_or([0; 8])
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .1;
+                if check != MacCheck::Valid {
+                    answer.set(39, "A0");
+                    return Ok(Some(self.encode_maced(&answer, &session)?));
+                }
+                self.upload(&request, &mut answer).await?;
+                Ok(Some(self.encode_maced(&answer, &session)?))
+            }
+            _ => {
+                answer.set(39, "12");
+                Ok(Some(self.encode(&answer)?))
+            }
+        }
+    }
+
+    fn encode(&self, m: &Message) -> anyhow::Result<Vec<u8>> {
+        iso8583::encode(&self.profile, m).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn encode_maced(&self, m: &Message, session: &TerminalSession) -> anyhow::Result<Vec<u8>> {
+        iso8583::encode_with_mac(&self.profile, m, |alg, mab| {
+            session.mac(alg, mab).unwrap_or([0; 8])
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The registered terminal F41 names (its number's last 8 digits).
+    async fn terminal_no(&self, m: &Message) -> anyhow::Result<Option<String>> {
+        let Some(f41) = m.text(41) else {
+            return Ok(None);
+        };
+        let t = app::terminals::by_f41(&self.app, f41.trim()).await?;
+        Ok(t.map(|t| t.terminal_no))
+    }
+
+    async fn session(&self, m: &Message) -> anyhow::Result<Option<Arc<TerminalSession>>> {
+        let Some(t) = self.terminal_no(m).await? else {
+            return Ok(None);
+        };
+        Ok(self.sessions.lock().expect("sessions").get(&t).cloned())
+    }
+
+    async fn sign_in(
+        &self,
+        request: &Message,
+        answer: &mut Message,
+        peer: &str,
+    ) -> anyhow::Result<()> {
+        let f41 = request.text(41).unwrap_or("").trim().to_owned();
+        let psam = request
+            .get(62)
+            .map(|p| String::from_utf8_lossy(p).trim().to_owned())
+            .unwrap_or_default();
+        let terminal = app::terminals::by_f41(&self.app, &f41).await?;
+        let refused = match &terminal {
+            None => Some(format!("unknown terminal {f41:?}")),
+            Some(t) if !t.enabled => Some(format!("terminal {} is disabled", t.terminal_no)),
+            Some(t) if t.psam_serial.as_deref() != Some(psam.as_str()) => Some(format!(
+                "terminal {} signed in with PSAM {psam:?}, not its bound {:?}",
+                t.terminal_no, t.psam_serial
+            )),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            // Recorded and alarmed: the audit log keeps it; the log line is the alarm until
+            // the alarms issue routes it.
+            tracing::warn!(%peer, reason = %why, "ALARM: terminal sign-in refused");
+            app::terminals::record_refusal(&self.app, peer, &f41, &why).await?;
+            answer.set(39, "03");
+            return Ok(());
+        }
+        let t = terminal.expect("checked");
+        let number = t.terminal_no.clone();
+        let id = card::purse::TerminalId::from_slice(
+            &(0..12)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&number[i..i + 2], 16).unwrap_or(0))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let version = self
+            .module
+            .current_version(KeyKind::TerminalMaster)
+            .ok_or_else(|| anyhow::anyhow!("no terminal master key: run the key ceremony"))?;
+        let (f62, session) = self.module.terminal_sign_in(version, &id)?;
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .insert(number.clone(), Arc::new(session));
+        app::terminals::record_sign_in(&self.app, &number, peer).await?;
+        let now = self.app.now().0;
+        let secs = now.div_euclid(1000).rem_euclid(86_400);
+        answer.set(
+            12,
+            format!("{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60),
+        );
+        answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
+        answer.set(39, "00");
+        answer.set(60, "00000001003");
+        answer.set(62, f62);
+        Ok(())
+    }
+
+    async fn upload(&self, request: &Message, answer: &mut Message) -> anyhow::Result<()> {
+        let record = request.text(58).and_then(parse_record);
+        let Some(record) = record else {
+            answer.set(39, "30");
+            return Ok(());
+        };
+        let outcome = app::ingest::ingest(
+            &self.app,
+            self.module.as_ref(),
+            app::ingest::IngestPolicy::default(),
+            vec![record],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        match &outcome[0] {
+            app::ingest::IngestOutcome::Posted { .. } => answer.set(39, "00"),
+            app::ingest::IngestOutcome::Duplicate => answer.set(39, "94"),
+            app::ingest::IngestOutcome::Quarantined { reason } => {
+                let short: String = reason
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == ' ')
+                    .take(25)
+                    .collect();
+                answer.set(44, short);
+                answer.set(39, "Q1")
+            }
+        };
+        Ok(())
+    }
+}
+
+fn reply_mti(mti: &str) -> String {
+    let mut b = mti.as_bytes().to_vec();
+    if b.len() == 4 && b[2].is_ascii_digit() {
+        b[2] += 1;
+    }
+    String::from_utf8(b).unwrap_or_else(|_| "0000".into())
+}
+
+/// The purse record of F58 (docs/protocol.md section 4).
+pub fn parse_record(t: &str) -> Option<app::ingest::OfflineRecord> {
+    if t.len() != 91 || !t.is_ascii() {
+        return None;
+    }
+    Some(app::ingest::OfflineRecord {
+        asn: t[0..20].to_owned(),
+        counter: t[20..25].parse().ok()?,
+        tx_type: t[25..27].parse().ok()?,
+        terminal_no: t[27..39].to_owned(),
+        ttc: t[39..49].parse().ok()?,
+        amount_fen: t[49..59].parse().ok()?,
+        balance_before_fen: t[59..69].parse().ok()?,
+        tx_at: t[69..83].to_owned(),
+        tac: t[83..91].to_owned(),
+    })
+}
+
+/// Formats a purse record for F58.
+pub fn format_record(r: &app::ingest::OfflineRecord) -> String {
+    format!(
+        "{}{:05}{:02}{}{:010}{:010}{:010}{}{}",
+        r.asn,
+        r.counter,
+        r.tx_type,
+        r.terminal_no,
+        r.ttc,
+        r.amount_fen,
+        r.balance_before_fen,
+        r.tx_at,
+        r.tac
+    )
+}
+
+/// The actor the front end writes to the audit log as.
+pub fn actor(peer: &str) -> Actor {
+    Actor {
+        name: "posp".into(),
+        source: peer.to_owned(),
+        ..Actor::system()
+    }
+}

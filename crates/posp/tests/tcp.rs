@@ -1,0 +1,189 @@
+//! The terminal front end over real TCP on 127.0.0.1 (port 0), on SQLite and PostgreSQL:
+//! sign-in and key check values, refusals, echo, record upload with MACs, duplicates, a bad
+//! MAC, and a bad frame that closes only its own connection.
+
+#[path = "../../card/tests/common/mod.rs"]
+mod common;
+#[path = "../../store/tests/harness/mod.rs"]
+mod harness;
+
+use std::sync::Arc;
+
+use app::ingest::OfflineRecord;
+use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card};
+use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+use app::{Actor, App, ManualClock};
+use card::crypto::{DesKey, PurseAlgorithm, cups_ecb_mac};
+use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
+use card::purse::Asn;
+use common::{PSAM_AID, PSAM_FID, PurchaseEnd, arr, purchase, rng, terminal, when};
+use iso8583::{Message, Profile, frame};
+use ledger::{AccountKind, Timestamp};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEK: &str = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+const ASN: &str = "10000000000000000001";
+const PSAM: &str = "00000000000000000099";
+
+async fn exchange(stream: &mut TcpStream, m: &Message, mak: Option<&DesKey>) -> Message {
+    let p = Profile::cups_pos();
+    let body = match mak {
+        Some(k) => iso8583::encode_with_mac(&p, m, |_, mab| cups_ecb_mac(k, mab)).unwrap(),
+        None => iso8583::encode(&p, m).unwrap(),
+    };
+    let out = frame::build(
+        &p,
+        Some([0x60, 0, 1, 0, 0]),
+        &[0x60, 0x31, 0, 0x31, 0, 0],
+        &body,
+    )
+    .unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        if let Some((f, _)) = frame::split(&p, &buf).unwrap() {
+            assert_eq!(
+                f.tpdu,
+                Some([0x60, 0, 0, 0, 1]),
+                "the TPDU comes back swapped"
+            );
+            let answer = iso8583::decode(&p, f.message).unwrap();
+            if let (Some(k), Some(_)) = (mak, answer.get(64)) {
+                assert!(
+                    iso8583::verify_mac(&p, f.message, |_, mab| cups_ecb_mac(k, mab)).unwrap(),
+                    "answer MAC"
+                );
+            }
+            return answer;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the front end closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn sign_in(f41: &str, psam: &str) -> Message {
+    Message::new("0800")
+        .with(11, "000001")
+        .with(41, f41)
+        .with(42, "000000000000001")
+        .with(60, "00000000003")
+        .with(62, psam.as_bytes().to_vec())
+}
+
+fn upload(stan: &str, record: &OfflineRecord) -> Message {
+    Message::new("0320")
+        .with(11, stan)
+        .with(41, "00000001")
+        .with(42, "000000000000001")
+        .with(58, posp::format_record(record).into_bytes())
+        .with(60, "00000001201")
+}
+
+conformance! {
+    async fn terminals_sign_in_and_upload_over_tcp(db) {
+        let app = App::new(db.store.clone(), Arc::new(ManualClock::new(Timestamp(1_800_000_000_000))));
+        let cli = Actor::cli();
+        let kek = Kek::from_hex(KEK, "test").unwrap();
+        SoftwareSecurityModule::ceremony(app.store(), &kek, PurseAlgorithm::Tdes, Timestamp(0)).await.unwrap();
+        let m = Arc::new(SoftwareSecurityModule::open(app.store(), &kek).await.unwrap());
+        let canteen = app.create_account(AccountKind::MerchantPayable, Some("merchant:canteen")).await.unwrap().account.id;
+        app::terminals::register(&app, &cli, app::terminals::NewTerminal {
+            terminal_no: "000000000001".into(), kind: app::terminals::TerminalKind::Pos,
+            merchant_account_id: Some(canteen.get()), location: "canteen".into(), psam_serial: Some(PSAM.into()),
+        }).await.unwrap();
+        // A card with 100.00 on it and in its shadow, and one purchase record.
+        app::stock::receive(&app, &cli, ASN, 1, "b").await.unwrap();
+        app::stock::initialise(&app, &cli, ASN, 1).await.unwrap();
+        let h = app::cardholders::create(&app, &cli, app::cardholders::NewCardholder {
+            number: "S1".into(), name: "x".into(), kind: app::cardholders::CardholderKind::Staff,
+            department: "d".into(), id_number: None, phone: None,
+        }).await.unwrap();
+        let issued = app::cards::issue(&app, &cli, app::cards::IssueRequest { cardholder_id: h.id, ..Default::default() }).await.unwrap();
+        let bank = app.create_account(AccountKind::BankClearing, Some("bank:t")).await.unwrap().account.id;
+        app.submit(vec![ledger::Transfer { id: app.new_transfer_id(), debit: bank, credit: issued.purse_account,
+            amount: ledger::Fen::new(10_000), kind: ledger::TransferKind::Single, linked: false, code: app::code::LOAD }]).await.unwrap();
+        let profile = CardProfile { issuer_id: *b"ONECARD1", start_date: "20260901".into(), expiry_date: "20300831".into(), balance_max_fen: 100_000, pin: "123456".into() };
+        let mut card = personalise_soft_card(m.as_ref(), Asn::parse_digits(ASN).unwrap(), &profile).unwrap();
+        card.tamper_balance(10_000);
+        let v = m.current_version(KeyKind::Purchase).unwrap();
+        let mut psam = SoftPsam::new(PsamProfile {
+            info: PsamInfo { serial: arr(PSAM), version: 1, key_card_type: 0, issuer_custom: [0, 0] },
+            terminal_id: terminal(),
+            app_data: PsamAppData { purchase_key_index: KEY_INDEX, issuer_id: *b"ONECARD1", receiver_id: arr("0000000000000002"), start_date: arr("20260101"), expiry_date: arr("20361231") },
+            app_fid: PSAM_FID, app_name: PSAM_AID.to_vec(),
+            purchase_keys: vec![PsamKey { version: v, master: m.psam_purchase_master(v).unwrap() }],
+            first_ttc: 1,
+        }).unwrap();
+        let PurchaseEnd::Done(r) = purchase(&mut card, &mut psam, &mut rng(9), 1_250, &when("20261128120000")) else { panic!() };
+        let record = OfflineRecord {
+            asn: ASN.into(), counter: r.offline_counter, tx_type: 6, terminal_no: "000000000001".into(),
+            ttc: r.ttc, amount_fen: r.amount_fen, balance_before_fen: r.balance_before_fen,
+            tx_at: "20261128120000".into(), tac: r.tac.to_bytes().iter().map(|b| format!("{b:02X}")).collect(),
+        };
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let module: Arc<dyn SecurityModule> = m.clone();
+        let posp = posp::Posp::new(app.clone(), module, posp::PospConfig::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(posp.serve(listener, async { let _ = stopped.await; }));
+
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // Refused: an unknown terminal, and the right terminal with another PSAM.
+        assert_eq!(exchange(&mut conn, &sign_in("00000009", PSAM), None).await.text(39), Some("03"));
+        assert_eq!(exchange(&mut conn, &sign_in("00000001", "00000000000000000098"), None).await.text(39), Some("03"));
+        let refused = app::audit::list(app.store(), &cli, &app::audit::AuditFilter { action: Some("terminal.sign_in_refused".into()), ..Default::default() }).await.unwrap();
+        assert_eq!(refused.len(), 2);
+        // Uploading before signing in: sign in first.
+        assert_eq!(exchange(&mut conn, &upload("000002", &record), None).await.text(39), Some("77"));
+        // Signed in: the keys decrypt under the terminal's TMK and their check values agree.
+        let answer = exchange(&mut conn, &sign_in("00000001", PSAM), None).await;
+        assert_eq!(answer.text(39), Some("00"));
+        let f62 = answer.get(62).unwrap().to_vec();
+        assert_eq!(f62.len(), 40);
+        let tmk = m.terminal_master(m.current_version(KeyKind::TerminalMaster).unwrap(), &terminal()).unwrap();
+        let pik = tmk.unwrap_tdes_key(f62[0..16].try_into().unwrap());
+        assert_eq!(pik.check_value(), f62[16..20]);
+        let mak = tmk.unwrap_des_key(f62[20..28].try_into().unwrap());
+        assert_eq!(f62[28..36], [0u8; 8]);
+        assert_eq!(mak.check_value(), f62[36..40]);
+        // Echo.
+        let echo = Message::new("0820").with(11, "000003").with(41, "00000001").with(60, "00000001301");
+        assert_eq!(exchange(&mut conn, &echo, None).await.text(39), Some("00"));
+        // The record: posted, then a duplicate; a wrong MAC changes nothing.
+        assert_eq!(exchange(&mut conn, &upload("000004", &record), Some(&mak)).await.text(39), Some("00"));
+        assert_eq!(exchange(&mut conn, &upload("000005", &record), Some(&mak)).await.text(39), Some("94"));
+        let wrong = DesKey::from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let bad = Message::new("0320").with(11, "000006").with(41, "00000001").with(42, "000000000000001")
+            .with(58, posp::format_record(&record).into_bytes()).with(60, "00000001201");
+        let p = Profile::cups_pos();
+        let body = iso8583::encode_with_mac(&p, &bad, |_, mab| cups_ecb_mac(&wrong, mab)).unwrap();
+        conn.write_all(&frame::build(&p, Some([0x60, 0, 1, 0, 0]), &[0x60, 0x31, 0, 0x31, 0, 0], &body).unwrap()).await.unwrap();
+        let mut buf = Vec::new();
+        let answer = loop {
+            let mut chunk = [0u8; 512];
+            let n = conn.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some((f, _)) = frame::split(&p, &buf).unwrap() { break iso8583::decode(&p, f.message).unwrap(); }
+        };
+        assert_eq!(answer.text(39), Some("A0"));
+        assert_eq!(app.account(issued.purse_account).await.unwrap().unwrap().account.balance().get(), 10_000 - 1_250);
+
+        // A bad frame closes its own connection, not the others.
+        let mut junk = TcpStream::connect(addr).await.unwrap();
+        junk.write_all(&[0x00, 0x03, 1, 2, 3]).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = junk.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+        let echo = Message::new("0820").with(11, "000007").with(41, "00000001").with(60, "00000001301");
+        assert_eq!(exchange(&mut conn, &echo, None).await.text(39), Some("00"));
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        assert!(app.check().await.unwrap().is_ok());
+        assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
+    }
+}
