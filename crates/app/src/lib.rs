@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod authorise;
 pub mod cardholders;
 pub mod cards;
 pub mod demo;

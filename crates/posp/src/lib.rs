@@ -2,9 +2,11 @@
 //! TCP and speak the CUPS POS dialect of ISO 8583 as docs/protocol.md writes it down.
 //!
 //! Built so far: sign-in (only a registered, enabled terminal with its bound PSAM; fresh PIN
-//! and MAC keys under its terminal master key), echo, sign-off, and purse-record upload (0320,
-//! MAC checked, through offline-record ingest). Still to come: online authorisation,
-//! confirmation, reversal, blacklist download and settlement (answered `12` for now).
+//! and MAC keys under its terminal master key), echo, sign-off, online authorisation (0200:
+//! card status, blacklist, expiry, amount and daily limit; a replayed trace is answered from
+//! the first result), reversal (0400), confirmation (0220) and purse-record upload (0320), the
+//! financial ones MAC-checked. Still to come: blacklist download and settlement (answered `12`
+//! for now).
 //!
 //! Limits, each named: connections at once ([`PospConfig::connections_max`]; more wait in
 //! the kernel's backlog), the time one message may take ([`PospConfig::message_timeout_ms`]),
@@ -169,7 +171,7 @@ impl Posp {
                 answer.set(39, "00");
                 Ok(Some(self.encode(&answer)?))
             }
-            ("0320", _) => {
+            ("0320", _) | ("0200", _) | ("0220", _) | ("0400", _) => {
                 let Some(session) = self.session(&request).await? else {
                     answer.set(39, "77");
                     return Ok(Some(self.encode(&answer)?));
@@ -183,7 +185,49 @@ impl Posp {
                     answer.set(39, "A0");
                     return Ok(Some(self.encode_maced(&answer, &session)?));
                 }
-                self.upload(&request, &mut answer).await?;
+                let terminal_no = self.terminal_no(&request).await?.unwrap_or_default();
+                let batch = request
+                    .text(60)
+                    .and_then(|t| t.get(2..8))
+                    .unwrap_or("000000")
+                    .to_owned();
+                match request.mti_str() {
+                    "0320" => self.upload(&request, &mut answer).await?,
+                    "0220" => {
+                        self.upload(&request, &mut answer).await?;
+                        let original = request.text(61).unwrap_or("");
+                        if matches!(answer.text(39), Some("00" | "94")) && original.len() >= 12 {
+                            app::authorise::confirm(
+                                &self.app,
+                                &terminal_no,
+                                &original[..6],
+                                &original[6..12],
+                            )
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        }
+                    }
+                    "0400" => {
+                        let original = request.text(61).unwrap_or("");
+                        let code = if original.len() >= 12 {
+                            app::authorise::reverse(
+                                &self.app,
+                                &terminal_no,
+                                &original[..6],
+                                &original[6..12],
+                            )
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?
+                        } else {
+                            "30".to_owned()
+                        };
+                        answer.set(39, code);
+                    }
+                    _ => {
+                        self.authorise(&request, &mut answer, terminal_no, batch)
+                            .await?
+                    }
+                }
                 Ok(Some(self.encode_maced(&answer, &session)?))
             }
             _ => {
@@ -278,6 +322,46 @@ impl Posp {
         answer.set(39, "00");
         answer.set(60, "00000001003");
         answer.set(62, f62);
+        Ok(())
+    }
+
+    async fn authorise(
+        &self,
+        request: &Message,
+        answer: &mut Message,
+        terminal_no: String,
+        batch: String,
+    ) -> anyhow::Result<()> {
+        let asn = request.text(48).unwrap_or("").to_owned();
+        let amount = request.text(4).and_then(|a| a.parse::<i64>().ok());
+        let (Some(amount), Some(stan), 20) = (amount, request.text(11), asn.len()) else {
+            answer.set(39, "30");
+            return Ok(());
+        };
+        let decision = app::authorise::authorise(
+            &self.app,
+            app::authorise::AuthorisationPolicy::default(),
+            app::authorise::AuthorisationRequest {
+                terminal_no,
+                batch,
+                stan: stan.to_owned(),
+                asn,
+                amount_fen: amount,
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let now = self.app.now().0;
+        let secs = now.div_euclid(1000).rem_euclid(86_400);
+        answer.set(
+            12,
+            format!("{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60),
+        );
+        answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
+        if let Some(code) = decision.auth_code {
+            answer.set(38, code);
+        }
+        answer.set(39, decision.response_code);
         Ok(())
     }
 

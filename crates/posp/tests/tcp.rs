@@ -84,7 +84,8 @@ fn upload(stan: &str, record: &OfflineRecord) -> Message {
 
 conformance! {
     async fn terminals_sign_in_and_upload_over_tcp(db) {
-        let app = App::new(db.store.clone(), Arc::new(ManualClock::new(Timestamp(1_800_000_000_000))));
+        let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
+        let app = App::new(db.store.clone(), clock.clone());
         let cli = Actor::cli();
         let kek = Kek::from_hex(KEK, "test").unwrap();
         SoftwareSecurityModule::ceremony(app.store(), &kek, PurseAlgorithm::Tdes, Timestamp(0)).await.unwrap();
@@ -180,6 +181,38 @@ conformance! {
         assert!(rest.is_empty());
         let echo = Message::new("0820").with(11, "000007").with(41, "00000001").with(60, "00000001301");
         assert_eq!(exchange(&mut conn, &echo, None).await.text(39), Some("00"));
+
+        // Online authorisation: approved once, a replayed trace gets the first answer, the
+        // daily limit counts approvals, a reversal frees them, and each refusal has its code.
+        let auth = |stan: &str, asn: &str, amount: u64| Message::new("0200")
+            .with(3, "000000").with(4, format!("{amount:012}")).with(11, stan).with(22, "051").with(25, "00")
+            .with(41, "00000001").with(42, "000000000000001").with(48, asn).with(49, "156").with(60, "22000001");
+        let first = exchange(&mut conn, &auth("000100", ASN, 1_250), Some(&mak)).await;
+        assert_eq!(first.text(39), Some("00"));
+        let code = first.text(38).unwrap().to_owned();
+        let again = exchange(&mut conn, &auth("000100", ASN, 1_250), Some(&mak)).await;
+        assert_eq!((again.text(39), again.text(38)), (Some("00"), Some(code.as_str())), "replayed");
+        assert_eq!(exchange(&mut conn, &auth("000101", ASN, 29_000), Some(&mak)).await.text(39), Some("61"), "over the daily limit");
+        let reversal = Message::new("0400").with(3, "000000").with(4, "000000001250").with(11, "000100").with(39, "98")
+            .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001000100");
+        assert_eq!(exchange(&mut conn, &reversal, Some(&mak)).await.text(39), Some("00"));
+        assert_eq!(exchange(&mut conn, &reversal, Some(&mak)).await.text(39), Some("00"), "reversed once, acknowledged again");
+        assert_eq!(exchange(&mut conn, &auth("000102", ASN, 29_000), Some(&mak)).await.text(39), Some("00"), "the reversal freed the limit");
+        let unknown_reversal = Message::new("0400").with(3, "000000").with(4, "000000000100").with(11, "000103")
+            .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001009999");
+        assert_eq!(exchange(&mut conn, &unknown_reversal, Some(&mak)).await.text(39), Some("25"));
+        assert_eq!(exchange(&mut conn, &auth("000104", "10000000000000009999", 100), Some(&mak)).await.text(39), Some("14"));
+        assert_eq!(exchange(&mut conn, &auth("000105", ASN, 0), Some(&mak)).await.text(39), Some("13"));
+        let loss = app::cards::report_loss(&app, &cli, issued.id).await.unwrap();
+        assert_eq!(exchange(&mut conn, &auth("000106", ASN, 100), Some(&mak)).await.text(39), Some("41"), "blacklisted");
+        app::cards::unlock(&app, &cli, loss.card.id).await.unwrap();
+        // A confirmation carries the record (posted already here: 94) and confirms the approval.
+        let confirm = Message::new("0220").with(3, "000000").with(4, "000000001250").with(11, "000107")
+            .with(41, "00000001").with(42, "000000000000001").with(49, "156")
+            .with(58, posp::format_record(&record).into_bytes()).with(60, "22000001").with(61, "000001000102");
+        assert_eq!(exchange(&mut conn, &confirm, Some(&mak)).await.text(39), Some("94"));
+        clock.advance_ms(5 * 366 * 86_400_000);
+        assert_eq!(exchange(&mut conn, &auth("000108", ASN, 100), Some(&mak)).await.text(39), Some("54"), "expired");
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();

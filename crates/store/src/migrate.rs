@@ -47,6 +47,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "terminals",
         sql: include_str!("../migrations/sqlite/0004_terminals.sql"),
     },
+    Source {
+        version: 5,
+        name: "authorisations",
+        sql: include_str!("../migrations/sqlite/0005_authorisations.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -69,6 +74,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 4,
         name: "terminals",
         sql: include_str!("../migrations/postgres/0004_terminals.sql"),
+    },
+    Source {
+        version: 5,
+        name: "authorisations",
+        sql: include_str!("../migrations/postgres/0005_authorisations.sql"),
     },
 ];
 
