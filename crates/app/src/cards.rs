@@ -1151,7 +1151,18 @@ pub struct BlacklistDelta {
 
 /// What a terminal holding blacklist version `since` must apply to be current.
 pub async fn blacklist_since(app: &App, actor: &Actor, since: i64) -> AppResult<BlacklistDelta> {
+    blacklist_page(app, actor, since, BLACKLIST_PAGE_MAX).await
+}
+
+/// [`blacklist_since`] with at most `page` changes (a terminal message holds 14).
+pub async fn blacklist_page(
+    app: &App,
+    actor: &Actor,
+    since: i64,
+    page: i64,
+) -> AppResult<BlacklistDelta> {
     actor.require(Permission::CardsRead)?;
+    let page = page.clamp(1, BLACKLIST_PAGE_MAX);
     let head = app
         .store()
         .query_opt("SELECT version FROM blacklist_head WHERE id = 1", &[])
@@ -1163,13 +1174,13 @@ pub async fn blacklist_since(app: &App, actor: &Actor, since: i64) -> AppResult<
         .query(
             "SELECT version, asn, listed, reason, at FROM blacklist WHERE version > $1 \
              ORDER BY version LIMIT $2",
-            params![since.max(0), BLACKLIST_PAGE_MAX + 1],
+            params![since.max(0), page + 1],
         )
         .await?;
-    let more = rows.len() as i64 > BLACKLIST_PAGE_MAX;
+    let more = rows.len() as i64 > page;
     let changes: Vec<BlacklistChange> = rows
         .iter()
-        .take(BLACKLIST_PAGE_MAX as usize)
+        .take(page as usize)
         .map(|r| {
             Ok(BlacklistChange {
                 version: r.int(0)?,

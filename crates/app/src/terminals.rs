@@ -449,3 +449,44 @@ pub async fn record_refusal(app: &App, peer: &str, f41: &str, why: &str) -> anyh
         })
         .await
 }
+
+/// Records the blacklist version a terminal now holds.
+pub async fn record_blacklist_version(
+    app: &App,
+    terminal_no: &str,
+    version: i64,
+) -> anyhow::Result<()> {
+    let now = app.now();
+    let terminal_no = terminal_no.to_owned();
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE terminals SET blacklist_version = $1, last_seen_at = $2 WHERE terminal_no = $3",
+                    params![version, now.0, terminal_no],
+                )
+                .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .await
+}
+
+/// The purchase records posted from a terminal since it signed in: (amount, count), what its
+/// settlement (0500) is compared with.
+pub async fn totals_since_sign_in(app: &App, terminal_no: &str) -> anyhow::Result<(i64, i64)> {
+    let row = app
+        .store()
+        .query_opt(
+            "SELECT CAST(COALESCE(SUM(o.amount_fen), 0) AS BIGINT), COUNT(o.id) \
+             FROM terminals t JOIN offline_records o ON o.terminal_no = t.terminal_no \
+             WHERE t.terminal_no = $1 AND o.status = 0 \
+             AND o.received_at >= COALESCE(t.signed_in_at, 0)",
+            params![terminal_no],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok((r.int(0)?, r.int(1)?)),
+        None => Ok((0, 0)),
+    }
+}

@@ -5,8 +5,8 @@
 //! and MAC keys under its terminal master key), echo, sign-off, online authorisation (0200:
 //! card status, blacklist, expiry, amount and daily limit; a replayed trace is answered from
 //! the first result), reversal (0400), confirmation (0220) and purse-record upload (0320), the
-//! financial ones MAC-checked. Still to come: blacklist download and settlement (answered `12`
-//! for now).
+//! financial ones MAC-checked, blacklist download (14 changes a message) and settlement
+//! (totals compared with the records posted since the terminal's sign-in).
 //!
 //! Limits, each named: connections at once ([`PospConfig::connections_max`]; more wait in
 //! the kernel's backlog), the time one message may take ([`PospConfig::message_timeout_ms`]),
@@ -26,6 +26,9 @@ use app::{Actor, App};
 use iso8583::{MacCheck, Message, Profile, frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Blacklist changes one 0810 carries (F48 holds 322 digits: 13 + 21 a change).
+pub const BLACKLIST_ENTRIES_PER_MESSAGE: i64 = 14;
 
 /// The header onecard answers with (docs/protocol.md section 1).
 pub const HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
@@ -158,6 +161,65 @@ impl Posp {
         match (request.mti_str(), network) {
             ("0800", "003") | ("0800", "001") | ("0800", "004") => {
                 self.sign_in(&request, &mut answer, peer).await?;
+                Ok(Some(self.encode(&answer)?))
+            }
+            ("0800", "391") => {
+                let Some(terminal_no) = self.terminal_no(&request).await? else {
+                    answer.set(39, "03");
+                    return Ok(Some(self.encode(&answer)?));
+                };
+                let since = request
+                    .text(48)
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .unwrap_or(0);
+                let delta = app::cards::blacklist_page(
+                    &self.app,
+                    &actor(peer),
+                    since,
+                    BLACKLIST_ENTRIES_PER_MESSAGE,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut f48 = format!(
+                    "{:010}{}{:02}",
+                    delta.version,
+                    u8::from(delta.more),
+                    delta.changes.len()
+                );
+                for c in &delta.changes {
+                    f48.push_str(&format!("{}{}", u8::from(c.listed), c.asn));
+                }
+                // What the terminal holds once it applied this message.
+                let held = match delta.changes.last() {
+                    Some(c) if delta.more => c.version,
+                    _ => delta.version,
+                };
+                app::terminals::record_blacklist_version(&self.app, &terminal_no, held).await?;
+                answer.set(48, f48);
+                answer.set(39, "00");
+                Ok(Some(self.encode(&answer)?))
+            }
+            ("0500", _) => {
+                let Some(terminal_no) = self.terminal_no(&request).await? else {
+                    answer.set(39, "03");
+                    return Ok(Some(self.encode(&answer)?));
+                };
+                let f48 = request.text(48).unwrap_or("").to_owned();
+                let (amount, count) =
+                    app::terminals::totals_since_sign_in(&self.app, &terminal_no).await?;
+                let reported = (
+                    f48.get(0..12).and_then(|a| a.parse::<i64>().ok()),
+                    f48.get(12..15).and_then(|c| c.parse::<i64>().ok()),
+                );
+                if f48.len() != 62 || reported.0.is_none() || reported.1.is_none() {
+                    answer.set(39, "30");
+                    return Ok(Some(self.encode(&answer)?));
+                }
+                let balanced = reported == (Some(amount), Some(count));
+                let mut back = f48.clone();
+                back.replace_range(30..31, if balanced { "1" } else { "2" });
+                answer.set(48, back);
+                answer.set(39, "00");
                 Ok(Some(self.encode(&answer)?))
             }
             ("0820", "301") => {

@@ -211,6 +211,23 @@ conformance! {
             .with(41, "00000001").with(42, "000000000000001").with(49, "156")
             .with(58, posp::format_record(&record).into_bytes()).with(60, "22000001").with(61, "000001000102");
         assert_eq!(exchange(&mut conn, &confirm, Some(&mak)).await.text(39), Some("94"));
+        // The blacklist: the loss and the unlock, from version 0; then nothing new.
+        let bl = |since: &str| Message::new("0800").with(11, "000109").with(41, "00000001")
+            .with(42, "000000000000001").with(48, since).with(60, "00000001391");
+        let answer = exchange(&mut conn, &bl("0000000000"), None).await;
+        assert_eq!(answer.text(48), Some(format!("0000000002002{}{ASN}{}{ASN}", 1, 0).as_str()));
+        let answer = exchange(&mut conn, &bl("0000000002"), None).await;
+        assert_eq!(answer.text(48), Some("0000000002000"));
+        let held = app::terminals::list(&app, &cli, None, 10).await.unwrap();
+        assert_eq!(held[0].blacklist_version, 2);
+        // Settlement: the one record posted since sign-in balances; other totals do not.
+        let settle = |f48: &str| Message::new("0500").with(11, "000110").with(41, "00000001")
+            .with(42, "000000000000001").with(48, f48).with(49, "156").with(60, "00000001201");
+        let zeros = "0".repeat(31);
+        let ok = exchange(&mut conn, &settle(&format!("000000001250001{}0{zeros}", "0".repeat(15))), None).await;
+        assert_eq!(ok.text(48).unwrap().as_bytes()[30], b'1', "balanced");
+        let off = exchange(&mut conn, &settle(&format!("000000009999001{}0{zeros}", "0".repeat(15))), None).await;
+        assert_eq!(off.text(48).unwrap().as_bytes()[30], b'2', "not balanced");
         clock.advance_ms(5 * 366 * 86_400_000);
         assert_eq!(exchange(&mut conn, &auth("000108", ASN, 100), Some(&mak)).await.text(39), Some("54"), "expired");
 
