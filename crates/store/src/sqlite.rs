@@ -46,9 +46,18 @@ const READERS_IDLE_MAX: usize = 8;
 
 type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
 
+/// What a grouped transaction's work hands back: whether to keep its changes, and what to do
+/// once the group has committed (or failed to).
+type TxDone = Box<dyn FnOnce(Result<(), String>) + Send>;
+type TxJob = Box<dyn FnOnce(&mut Connection) -> (bool, TxDone) + Send>;
+
+/// Most transactions the writer commits together (each in its own savepoint).
+const TRANSACTIONS_PER_COMMIT_MAX: usize = 256;
+
 enum Command {
     Submit(SubmitRequest),
     Write(WriteJob),
+    Transaction(TxJob),
 }
 
 struct SubmitRequest {
@@ -209,9 +218,8 @@ impl SqliteStore {
         E: From<anyhow::Error> + Send + 'static,
         F: for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> TxFuture<'t, Result<T, E>> + Send + 'static,
     {
-        self.write(move |conn| {
-            conn.execute_batch("BEGIN IMMEDIATE")
-                .context("starting a write transaction")?;
+        let (reply, rx) = oneshot::channel::<Result<T, E>>();
+        let job: TxJob = Box::new(move |conn| {
             let mut ledger = Ledger::new();
             let result = {
                 let mut tx = Tx::Sqlite(SqliteTx {
@@ -220,22 +228,31 @@ impl SqliteStore {
                 });
                 run_now(work(&mut tx))
             };
-            let finish = match &result {
-                Some(Ok(_)) => conn.execute_batch("COMMIT").context("committing"),
-                _ => Ok(()),
-            };
-            if !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
-            }
-            finish?;
-            result.ok_or_else(|| {
-                E::from(anyhow::anyhow!(
-                    "a SQLite transaction waited for something other than the database; it was rolled back"
-                ))
-            })?
-        })
-        .await
-        .map_err(E::from)?
+            let result = result.unwrap_or_else(|| {
+                Err(E::from(anyhow::anyhow!(
+                    "a SQLite transaction waited for something other than the database; it was \
+                     rolled back"
+                )))
+            });
+            let keep = result.is_ok();
+            let done: TxDone = Box::new(move |committed| {
+                let out = match committed {
+                    Ok(()) => result,
+                    Err(m) => Err(E::from(anyhow::anyhow!("commit failed: {m}"))),
+                };
+                let _ = reply.send(out);
+            });
+            (keep, done)
+        });
+        self.writer
+            .send(Command::Transaction(job))
+            .await
+            .map_err(|_| E::from(anyhow::anyhow!("the SQLite writer thread has stopped")))?;
+        rx.await.map_err(|_| {
+            E::from(anyhow::anyhow!(
+                "the SQLite writer thread dropped a request"
+            ))
+        })?
     }
 
     /// Runs a read-only statement outside any write transaction.
@@ -701,6 +718,22 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, commits: &
         };
         match command {
             Command::Write(job) => job(&mut conn),
+            Command::Transaction(first) => {
+                // Transactions waiting together share one commit: each runs in its own
+                // savepoint, and one that fails is rolled back alone.
+                let mut group = vec![first];
+                while group.len() < TRANSACTIONS_PER_COMMIT_MAX {
+                    match rx.try_recv() {
+                        Ok(Command::Transaction(t)) => group.push(t),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_transactions(&mut conn, group, commits);
+            }
             Command::Submit(first) => {
                 // Group commit: take every submit already waiting, up to the limit.
                 let mut total = first.transfers.len();
@@ -740,6 +773,49 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Command>, commits: &
                 }
             }
         }
+    }
+}
+
+fn commit_transactions(conn: &mut Connection, group: Vec<TxJob>, commits: &AtomicU64) {
+    let mut dones: Vec<TxDone> = Vec::with_capacity(group.len());
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        // Dropping the jobs unrun answers each caller with an error.
+        tracing::error!(error = %e, "no write transaction could start; {} dropped", group.len());
+        return;
+    }
+    for job in group {
+        if let Err(e) = conn.execute_batch("SAVEPOINT work") {
+            // Without a savepoint a failing job could leave half its writes: not run.
+            tracing::error!(error = %e, "a savepoint could not start; the transaction is dropped");
+            continue;
+        }
+        let (keep, done) = job(conn);
+        let end = if keep {
+            "RELEASE work"
+        } else {
+            "ROLLBACK TO work; RELEASE work"
+        };
+        if let Err(e) = conn.execute_batch(end) {
+            tracing::error!(error = %e, "closing a savepoint failed; the group rolls back");
+            let _ = conn.execute_batch("ROLLBACK");
+            let message = format!("closing a savepoint: {e}");
+            done(Err(message.clone()));
+            for d in dones {
+                d(Err(message.clone()));
+            }
+            return;
+        }
+        dones.push(done);
+    }
+    let committed = conn.execute_batch("COMMIT").map_err(|e| format!("{e}"));
+    if committed.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    if committed.is_ok() {
+        commits.fetch_add(1, Ordering::Relaxed);
+    }
+    for done in dones {
+        done(committed.clone());
     }
 }
 

@@ -625,3 +625,43 @@ conformance! {
         assert_consistent(s).await;
     }
 }
+
+conformance! {
+    async fn concurrent_transactions_share_commits_and_fail_alone(db) {
+        let s = &db.store;
+        let before = s.group_commits();
+        let mut tasks = Vec::new();
+        for i in 0..60u64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.transaction(move |tx| {
+                    Box::pin(async move {
+                        tx.execute(
+                            "INSERT INTO card_stock (asn, state, batch, updated_at) VALUES ($1, 0, 'g', 0)",
+                            store::params![format!("{:020}", 50_000 + i)],
+                        )
+                        .await?;
+                        if i % 5 == 0 {
+                            anyhow::bail!("task {i} changed its mind");
+                        }
+                        Ok::<_, anyhow::Error>(i)
+                    })
+                })
+                .await
+            }));
+        }
+        let mut failed = 0;
+        for t in tasks {
+            if t.await.unwrap().is_err() {
+                failed += 1;
+            }
+        }
+        assert_eq!(failed, 12);
+        let n = s.query_opt("SELECT count(*) FROM card_stock", &[]).await.unwrap().unwrap().int(0).unwrap();
+        assert_eq!(n, 48, "the failed ones left nothing, the others everything");
+        if !db.is_postgres() {
+            let commits = s.group_commits() - before;
+            assert!(commits < 60, "60 transactions took {commits} commits");
+        }
+    }
+}
