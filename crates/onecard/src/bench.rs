@@ -704,3 +704,324 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct PospArgs {
+    /// Terminal connections.
+    #[arg(long, default_value_t = 32)]
+    terminals: usize,
+    /// Cards the authorisations are spread over.
+    #[arg(long, default_value_t = 2_000)]
+    cards: usize,
+    /// Authorisations in the throughput run (as fast as the connections go).
+    #[arg(long, default_value_t = 40_000)]
+    requests: usize,
+    /// Offered rate of the latency run, per second.
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// sqlite or postgres (a scratch database on --pg-url's server).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BackendChoice,
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+}
+
+/// `onecard bench posp`: online purchase authorisations over TCP (MAC checked both ways),
+/// all for one canteen merchant, against the terminal front end on SQLite in this process.
+/// First as fast as `--terminals` connections go (throughput), then at `--rate` a second
+/// (offered, answered, dropped, latency percentiles).
+pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
+    use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+    use std::sync::Arc;
+    anyhow::ensure!(
+        args.terminals >= 1 && args.cards >= 1,
+        "--terminals and --cards must be at least 1"
+    );
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are meaningless (use --release)");
+    }
+    let dir = tempfile::tempdir()?;
+    let mut scratch = None;
+    let store = match args.backend {
+        BackendChoice::Postgres => {
+            let server_text = args
+                .pg_url
+                .clone()
+                .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
+                .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
+                .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
+            let server = DatabaseUrl::parse(&server_text)?;
+            let name = format!("onecard_bench_{}", std::process::id());
+            let url = store::create_scratch_database(&server, &name).await?;
+            scratch = Some((server, name));
+            Store::open(&url, StoreOptions::default()).await?
+        }
+        _ => {
+            Store::open(
+                &DatabaseUrl::Sqlite(dir.path().join("bench.db")),
+                StoreOptions::default(),
+            )
+            .await?
+        }
+    };
+    println!(
+        "onecard bench posp on {}: {} terminals, {} cards",
+        store.backend_name(),
+        args.terminals,
+        args.cards
+    );
+    let app = app::App::new(store.clone(), Arc::new(app::SystemClock));
+    let actor = app::Actor::cli();
+    let kek = Kek::from_hex(&Kek::generate_hex()?, "bench")?;
+    SoftwareSecurityModule::ceremony(&store, &kek, card::crypto::PurseAlgorithm::Tdes, now())
+        .await?;
+    let module = Arc::new(SoftwareSecurityModule::open(&store, &kek).await?);
+    let first = "10000000000000000001";
+    app::stock::receive(&app, &actor, first, args.cards as u64, "bench").await?;
+    app::stock::initialise(&app, &actor, first, args.cards as u64).await?;
+    let csv = app::demo::cardholders_csv(args.cards, 1, 7);
+    app::cardholders::import_csv(
+        &app,
+        &actor,
+        csv.as_bytes(),
+        app::cardholders::ImportOptions {
+            issue_cards: true,
+            progress: None,
+        },
+    )
+    .await?;
+    let merchant = app
+        .create_account(AccountKind::MerchantPayable, Some("merchant:canteen"))
+        .await?
+        .account
+        .id;
+    for t in 0..args.terminals {
+        app::terminals::register(
+            &app,
+            &actor,
+            app::terminals::NewTerminal {
+                terminal_no: format!("{:012}", t + 1),
+                kind: app::terminals::TerminalKind::Pos,
+                merchant_account_id: Some(merchant.get()),
+                location: "canteen".into(),
+                psam_serial: Some(format!("{:020}", t + 1)),
+            },
+        )
+        .await?;
+    }
+    let asns: Arc<Vec<String>> = Arc::new(
+        store
+            .query("SELECT asn FROM cards ORDER BY asn", &[])
+            .await?
+            .iter()
+            .map(|r| r.text(0))
+            .collect::<anyhow::Result<_>>()?,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let front = posp::Posp::new(app.clone(), module.clone(), posp::PospConfig::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(front.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let profile = Arc::new(iso8583::Profile::cups_pos());
+    // Every terminal signs in and keeps its MAK.
+    let mut conns = Vec::new();
+    for t in 0..args.terminals {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let f41 = format!("{:08}", t + 1);
+        let m = iso8583::Message::new("0800")
+            .with(11, "000001")
+            .with(41, f41.clone())
+            .with(42, "000000000000001")
+            .with(60, "00000000003")
+            .with(62, format!("{:020}", t + 1).into_bytes());
+        let answer = bench_exchange(
+            &profile,
+            &mut s,
+            &iso8583::encode(&profile, &m).map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+        .await?;
+        anyhow::ensure!(
+            answer.text(39) == Some("00"),
+            "sign-in refused: {:?}",
+            answer.text(39)
+        );
+        let f62 = answer.get(62).unwrap_or_default().to_vec();
+        let mut digits = [0u8; 6];
+        let text = format!("{:012}", t + 1);
+        for (i, d) in digits.iter_mut().enumerate() {
+            *d = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)?;
+        }
+        let id = card::purse::TerminalId::new(digits);
+        let tmk = module.terminal_master(
+            module
+                .current_version(KeyKind::TerminalMaster)
+                .expect("made"),
+            &id,
+        )?;
+        let mak = tmk.unwrap_des_key(f62[20..28].try_into()?);
+        conns.push((s, f41, mak));
+    }
+    let request = |profile: &iso8583::Profile,
+                   f41: &str,
+                   stan: u64,
+                   asn: &str,
+                   mak: &card::crypto::DesKey|
+     -> Vec<u8> {
+        let m = iso8583::Message::new("0200")
+            .with(3, "000000")
+            .with(4, "000000000100")
+            .with(11, format!("{:06}", stan % 1_000_000))
+            .with(22, "051")
+            .with(25, "00")
+            .with(41, f41)
+            .with(42, "000000000000001")
+            .with(48, asn)
+            .with(49, "156")
+            .with(60, format!("22{:06}", stan / 1_000_000 + 1));
+        iso8583::encode_with_mac(profile, &m, |_, mab| card::crypto::cups_ecb_mac(mak, mab))
+            .expect("encodes")
+    };
+    // Throughput: every connection sends its share back to back.
+    let per = args.requests.div_ceil(args.terminals);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (mut s, f41, mak)) in conns.into_iter().enumerate() {
+        let (profile, asns) = (profile.clone(), asns.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            let mut approved = 0usize;
+            for k in 0..per {
+                let stan = (i * per + k) as u64 + 10;
+                let body = request(
+                    &profile,
+                    &f41,
+                    stan,
+                    &asns[(i * 7919 + k) % asns.len()],
+                    &mak,
+                );
+                let t0 = Instant::now();
+                let a = bench_exchange(&profile, &mut s, &body).await?;
+                lat.push(t0.elapsed());
+                approved += usize::from(a.text(39) == Some("00"));
+            }
+            Ok::<_, anyhow::Error>((s, f41, mak, lat, approved))
+        }));
+    }
+    let mut conns = Vec::new();
+    let mut approved = 0;
+    let mut lat = Vec::new();
+    for t in tasks {
+        let (s, f41, mak, l, a) = t.await??;
+        approved += a;
+        lat.extend(l);
+        conns.push((s, f41, mak));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |lat: &[std::time::Duration], p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "throughput: {} authorisations over {} connections in {:.2} s = {:.0}/s ({} approved); latency p50 {:.2} ms, p99 {:.2} ms",
+        lat.len(),
+        args.terminals,
+        elapsed,
+        lat.len() as f64 / elapsed,
+        approved,
+        pct(&lat, 0.5),
+        pct(&lat, 0.99)
+    );
+    // Latency at an offered rate: requests are due on a fixed schedule across connections.
+    let per = ((args.rate * args.seconds) as usize).div_ceil(conns.len());
+    let total = per * conns.len();
+    let interval = std::time::Duration::from_secs_f64(conns.len() as f64 / args.rate as f64);
+    let mut tasks = Vec::new();
+    let began = Instant::now();
+    for (i, (mut s, f41, mak)) in conns.into_iter().enumerate() {
+        let (profile, asns) = (profile.clone(), asns.clone());
+        tasks.push(tokio::spawn(async move {
+            let offset = interval.mul_f64(i as f64 / args.terminals as f64);
+            let mut lat = Vec::with_capacity(per);
+            let mut dropped = 0usize;
+            for k in 0..per {
+                let due = began + offset + interval.mul_f64(k as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let stan = 900_000 + (i * per + k) as u64;
+                let body = request(&profile, &f41, stan, &asns[(i * 31 + k) % asns.len()], &mak);
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    bench_exchange(&profile, &mut s, &body),
+                )
+                .await
+                {
+                    // Latency from when the request was due: time waiting behind a slow answer counts.
+                    Ok(Ok(_)) => lat.push(due.elapsed()),
+                    _ => dropped += 1,
+                }
+            }
+            (lat, dropped)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut dropped = 0;
+    for t in tasks {
+        let (l, d) = t.await?;
+        lat.extend(l);
+        dropped += d;
+    }
+    lat.sort();
+    println!(
+        "offered {}/s for {} s: {} offered, {} answered, {} dropped; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        args.rate,
+        args.seconds,
+        total,
+        lat.len(),
+        dropped,
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 1.0)
+    );
+    stop.send(()).ok();
+    server.await??;
+    anyhow::ensure!(store.check().await?.is_ok(), "db-check failed");
+    drop((app, store, module));
+    if let Some((server, name)) = scratch {
+        store::drop_scratch_database(&server, &name).await?;
+    }
+    Ok(())
+}
+
+async fn bench_exchange(
+    profile: &iso8583::Profile,
+    s: &mut tokio::net::TcpStream,
+    body: &[u8],
+) -> anyhow::Result<iso8583::Message> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let out = iso8583::frame::build(
+        profile,
+        Some([0x60, 0, 1, 0, 0]),
+        &[0x60, 0x31, 0, 0x31, 0, 0],
+        body,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    s.write_all(&out).await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        if let Some((f, _)) =
+            iso8583::frame::split(profile, &buf).map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            return iso8583::decode(profile, f.message).map_err(|e| anyhow::anyhow!("{e}"));
+        }
+        let n = s.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the front end closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -292,6 +292,8 @@ enum BenchCommand {
     Import(bench::ImportArgs),
     /// Offline-record ingest with TAC verification.
     Ingest(bench::IngestArgs),
+    /// Online authorisations over TCP through the terminal front end.
+    Posp(bench::PospArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -467,6 +469,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args).await?,
         Command::Bench(BenchCommand::Import(args)) => bench::import(args).await?,
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await?,
+        Command::Bench(BenchCommand::Posp(args)) => bench::posp(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
         Command::Cardholder(cmd) => {
