@@ -413,15 +413,35 @@ async fn decide_and_write(
                     let missing = u32::from(r.counter - last - 1);
                     if missing <= GAP_ANOMALIES_MAX {
                         for k in last + 1..r.counter {
-                            anomaly(
-                                tx,
-                                &r.asn,
-                                "missing_record",
-                                k,
-                                &format!("counter {k} has not arrived (counter {} did)", r.counter),
-                                now,
-                            )
-                            .await?;
+                            // Arrived but quarantined, or not arrived at all?
+                            let quarantined = pending
+                                .get(&(r.asn.clone(), r.tx_type, k))
+                                .and_then(|v| v.first().map(|e| e.reason.clone()));
+                            let quarantined = match quarantined {
+                                Some(q) => Some(q),
+                                None => tx
+                                    .query_opt(
+                                        "SELECT reason FROM offline_records WHERE asn = $1 \
+                                         AND tx_type = $2 AND counter = $3 AND status = 1 \
+                                         ORDER BY id LIMIT 1",
+                                        params![r.asn.clone(), i64::from(r.tx_type), i64::from(k)],
+                                    )
+                                    .await?
+                                    .map(|row| row.text(0))
+                                    .transpose()?,
+                            };
+                            let detail = match quarantined {
+                                Some(why) => format!(
+                                    "counter {k} arrived but is quarantined ({why}); counter {} \
+                                     posted",
+                                    r.counter
+                                ),
+                                None => format!(
+                                    "counter {k} has not arrived (counter {} did)",
+                                    r.counter
+                                ),
+                            };
+                            anomaly(tx, &r.asn, "missing_record", k, &detail, now).await?;
                         }
                     } else {
                         anomaly(

@@ -175,6 +175,11 @@ conformance! {
         let r5c = buy(&mut card, &mut psam, 500, "20261128130200");
         let out = ingest::ingest(&app, &m, policy, vec![upload(&r5c)]).await.unwrap();
         assert!(matches!(out[0], IngestOutcome::Posted { .. }), "{out:?}");
+        let gaps = ingest::anomalies(&app, &cli, ASN).await.unwrap();
+        assert!(
+            gaps.iter().any(|a| a.counter == i64::from(r5.offline_counter) && a.detail.contains("arrived but is quarantined")),
+            "{gaps:?}"
+        );
 
         // A card that reports an inflated balance still makes valid TACs: the shadow catches it.
         card.tamper_balance(card.balance_fen() + 5_000);
