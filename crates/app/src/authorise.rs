@@ -92,6 +92,21 @@ pub async fn authorise(
     policy: AuthorisationPolicy,
     req: AuthorisationRequest,
 ) -> AppResult<Authorisation> {
+    // The same trace twice at once (PostgreSQL): one inserts, the other fails on the key and
+    // rolls back whole; once more, it finds the first one's answer.
+    match authorise_once(app, policy, req.clone()).await {
+        Err(crate::AppError::Unexpected(e)) if store::is_unique_violation(&e) => {
+            authorise_once(app, policy, req).await
+        }
+        other => other,
+    }
+}
+
+async fn authorise_once(
+    app: &App,
+    policy: AuthorisationPolicy,
+    req: AuthorisationRequest,
+) -> AppResult<Authorisation> {
     let now = app.now();
     let today = crate::cards::date_after_days(now, 0);
     app.store()

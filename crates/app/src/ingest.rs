@@ -60,6 +60,9 @@ pub struct OfflineRecord {
     pub tx_at: String,
     /// 8 hex digits.
     pub tac: String,
+    /// The terminal's batch (F60.2) it was uploaded in, if it came through the front end.
+    #[serde(default)]
+    pub batch: Option<String>,
 }
 
 /// What happened to one record.
@@ -116,6 +119,7 @@ fn check(
     index: usize,
     r: OfflineRecord,
 ) -> Checked {
+    // A malformed TAC is kept as four zero bytes (what is stored), so a resend matches it.
     let tac = hex_bytes(&r.tac)
         .filter(|t| t.len() == 4)
         .unwrap_or_default();
@@ -183,12 +187,12 @@ fn check(
     Checked {
         index,
         record: r,
-        tac,
+        tac: if tac.len() == 4 { tac } else { vec![0; 4] },
         problem,
     }
 }
 
-/// Records inserted per statement (13 parameters each).
+/// Records inserted per statement (14 parameters each).
 const RECORD_ROWS_PER_INSERT: usize = 200;
 
 /// A record under some key, stored or earlier in the batch.
@@ -269,6 +273,21 @@ async fn decide_and_write(
             e.insert(found);
         }
     }
+    // Terminals that sent records were seen now (once per terminal, in number order, and
+    // before any account is locked: LOCK ORDER).
+    let mut seen: Vec<&String> = terminals
+        .iter()
+        .filter(|(_, t)| t.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    seen.sort();
+    for terminal_no in seen {
+        tx.execute(
+            "UPDATE terminals SET last_seen_at = $1 WHERE terminal_no = $2",
+            params![now.0, terminal_no.clone()],
+        )
+        .await?;
+    }
     // Cards, with the last posted purchase counter of each: one query per 500 cards.
     let mut asns: Vec<String> = checked.iter().map(|c| c.record.asn.clone()).collect();
     asns.dedup();
@@ -312,6 +331,8 @@ async fn decide_and_write(
     ids.sort_unstable();
     ids.dedup();
     let mut shadow: HashMap<i64, i64> = HashMap::new();
+    // Account statuses (0 open, 1 frozen, 2 closed), read under the same locks.
+    let mut status: HashMap<i64, i64> = HashMap::new();
     for chunk in ids.chunks(500) {
         let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let values: Vec<store::Value> = chunk.iter().map(|&i| i.into()).collect();
@@ -319,8 +340,8 @@ async fn decide_and_write(
         for row in tx
             .query(
                 &format!(
-                    "SELECT id, credits_posted - debits_posted - debits_pending FROM accounts \
-                     WHERE id IN ({}) ORDER BY id{lock}",
+                    "SELECT id, credits_posted - debits_posted - debits_pending, status \
+                     FROM accounts WHERE id IN ({}) ORDER BY id{lock}",
                     placeholders.join(", ")
                 ),
                 &values,
@@ -328,6 +349,30 @@ async fn decide_and_write(
             .await?
         {
             shadow.insert(row.int(0)?, row.int(1)?);
+            status.insert(row.int(0)?, row.int(2)?);
+        }
+    }
+    // Under the locks (each card's purse account is locked by every batch that posts for
+    // it), read the last posted counters again: a batch that committed while we waited for a
+    // lock has moved them.
+    for chunk in asns.chunks(500) {
+        let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+        let mut values: Vec<store::Value> = vec![i64::from(TX_EP_PURCHASE).into()];
+        values.extend(chunk.iter().map(|a| store::Value::from(a.clone())));
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT asn, max(counter) FROM offline_records WHERE tx_type = $1 \
+                     AND status = 0 AND asn IN ({}) GROUP BY asn",
+                    placeholders.join(", ")
+                ),
+                &values,
+            )
+            .await?
+        {
+            if let Some(Some(card)) = cards.get_mut(&row.text(0)?) {
+                card.last_counter = row.opt_int(1)?.map(|l| l as u16);
+            }
         }
     }
     let mut transfers: Vec<Transfer> = Vec::new();
@@ -372,7 +417,7 @@ async fn decide_and_write(
                 continue;
             }
             // Sent again while quarantined: it stays there (an operator resolves it).
-            Some(e) if !posted_exists => {
+            Some(e) if !e.posted => {
                 outcomes[c.index] = Some(IngestOutcome::Quarantined {
                     reason: format!("already quarantined: {}", e.reason),
                 });
@@ -404,7 +449,30 @@ async fn decide_and_write(
         }
         let mut transfer_id = None;
         if reason.is_none() {
-            let card = card.expect("checked");
+            let purse = card.expect("checked").purse.get();
+            let merchant_id = terminal
+                .as_ref()
+                .and_then(|t| t.merchant_account_id)
+                .unwrap_or(0);
+            // A frozen or closed purse cannot pay, a closed merchant cannot be paid: kept
+            // aside rather than failing the whole batch.
+            let blocked = match (status.get(&purse), status.get(&merchant_id)) {
+                (Some(s), _) if *s != 0 => Some(format!(
+                    "the card's purse account {purse} is {}",
+                    if *s == 1 { "frozen" } else { "closed" }
+                )),
+                (_, Some(2)) => Some(format!("the merchant account {merchant_id} is closed")),
+                _ => None,
+            };
+            if let Some(why) = blocked {
+                reason = Some(why);
+            }
+        }
+        if reason.is_none() {
+            let card = cards
+                .get_mut(&r.asn)
+                .and_then(Option::as_mut)
+                .expect("checked");
             let purse = card.purse.get();
             let balance = shadow.get(&purse).copied().unwrap_or(0);
             // Continuity: gaps, and the balance the card reported against the shadow.
@@ -533,6 +601,7 @@ async fn decide_and_write(
             reason.clone().unwrap_or_default().into(),
             transfer_id.map(|t| t.to_bytes().to_vec()).into(),
             now.0.into(),
+            r.batch.clone().into(),
         ]);
         pending.entry(key).or_default().push(Stored {
             posted: reason.is_none(),
@@ -555,34 +624,25 @@ async fn decide_and_write(
     for chunk in rows.chunks(RECORD_ROWS_PER_INSERT) {
         let mut sql = String::from(
             "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
-             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at) VALUES ",
+             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at, batch) \
+             VALUES ",
         );
-        let mut values = Vec::with_capacity(chunk.len() * 13);
+        let mut values = Vec::with_capacity(chunk.len() * 14);
         for (i, row) in chunk.iter().enumerate() {
             if i > 0 {
                 sql.push(',');
             }
             sql.push('(');
-            for k in 0..13 {
+            for k in 0..14 {
                 if k > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!("${}", i * 13 + k + 1));
+                sql.push_str(&format!("${}", i * 14 + k + 1));
             }
             sql.push(')');
             values.extend(row.iter().cloned());
         }
         tx.execute(&sql, &values).await?;
-    }
-    // Terminals that sent records were seen now (once per terminal, not per record).
-    for (terminal_no, t) in &terminals {
-        if t.is_some() {
-            tx.execute(
-                "UPDATE terminals SET last_seen_at = $1 WHERE terminal_no = $2",
-                params![now.0, terminal_no.clone()],
-            )
-            .await?;
-        }
     }
     // The shadows were checked under the locks: every transfer must apply.
     crate::post_all(tx, &transfers, now).await?;

@@ -472,17 +472,16 @@ pub async fn record_blacklist_version(
         .await
 }
 
-/// The purchase records posted from a terminal since it signed in: (amount, count), what its
-/// settlement (0500) is compared with.
-pub async fn totals_since_sign_in(app: &App, terminal_no: &str) -> anyhow::Result<(i64, i64)> {
+/// The purchase records posted from a terminal in one of its batches: (amount, count), what
+/// its settlement (0500) is compared with. Quarantined records do not count (settle again
+/// once they are resolved).
+pub async fn batch_totals(app: &App, terminal_no: &str, batch: &str) -> anyhow::Result<(i64, i64)> {
     let row = app
         .store()
         .query_opt(
-            "SELECT CAST(COALESCE(SUM(o.amount_fen), 0) AS BIGINT), COUNT(o.id) \
-             FROM terminals t JOIN offline_records o ON o.terminal_no = t.terminal_no \
-             WHERE t.terminal_no = $1 AND o.status = 0 \
-             AND o.received_at >= COALESCE(t.signed_in_at, 0)",
-            params![terminal_no],
+            "SELECT CAST(COALESCE(SUM(amount_fen), 0) AS BIGINT), COUNT(id) FROM offline_records \
+             WHERE terminal_no = $1 AND batch = $2 AND status = 0",
+            params![terminal_no, batch],
         )
         .await?;
     match row {

@@ -69,6 +69,7 @@ fn upload(r: &PurchaseRecord) -> OfflineRecord {
         balance_before_fen: r.balance_before_fen,
         tx_at: digits[digits.len() - 14..].to_owned(),
         tac: hex(&r.tac.to_bytes()),
+        batch: None,
     }
 }
 
@@ -196,8 +197,19 @@ conformance! {
         junk.tac = "XYZ".into();
         let out = ingest::ingest(&app, &m, policy, vec![unknown, junk]).await.unwrap();
         assert!(out.iter().all(|o| matches!(o, IngestOutcome::Quarantined { .. })), "{out:?}");
+        // The malformed record sent again is not stored twice.
+        let mut junk_again = upload(&r6);
+        junk_again.tac = "XYZ".into();
+        let out = ingest::ingest(&app, &m, policy, vec![junk_again]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.starts_with("already quarantined")), "{out:?}");
+        // A frozen purse cannot pay: its records wait in quarantine; the batch still answers.
+        app.set_account_status(issued.purse_account, ledger::AccountStatus::Frozen).await.unwrap();
+        let r7 = buy(&mut card, &mut psam, 100, "20261128150000");
+        let out = ingest::ingest(&app, &m, policy, vec![upload(&r7)]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("frozen")), "{out:?}");
+        app.set_account_status(issued.purse_account, ledger::AccountStatus::Open).await.unwrap();
         let q = ingest::quarantined(&app, &cli, None, 50).await.unwrap();
-        assert_eq!(q.len(), 5, "{q:?}"); // forged, disabled, over, unknown card, junk
+        assert_eq!(q.len(), 6, "{q:?}"); // forged, disabled, over, unknown card, junk, frozen
         assert!(app.check().await.unwrap().is_ok());
         assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
         assert!(terminals::get(&app, &cli, t.id).await.unwrap().last_seen_at_ms.is_some());

@@ -661,6 +661,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                         balance_before_fen: balance,
                         tx_at: at,
                         tac: tac.to_bytes().iter().map(|b| format!("{b:02X}")).collect(),
+                        batch: None,
                     });
                     balance -= amount;
                 }

@@ -6,7 +6,7 @@
 //! card status, blacklist, expiry, amount and daily limit; a replayed trace is answered from
 //! the first result), reversal (0400), confirmation (0220) and purse-record upload (0320), the
 //! financial ones MAC-checked, blacklist download (14 changes a message) and settlement
-//! (totals compared with the records posted since the terminal's sign-in).
+//! (totals compared with the records posted in the batch F60.2 names).
 //!
 //! Limits, each named: connections at once ([`PospConfig::connections_max`]; more wait in
 //! the kernel's backlog), the time one message may take ([`PospConfig::message_timeout_ms`]),
@@ -24,10 +24,14 @@ use std::time::Duration;
 use app::security::{KeyKind, SecurityModule, TerminalSession};
 use app::{Actor, App};
 use iso8583::{MacCheck, Message, Profile, frame};
+use ledger as ledger_time;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Blacklist changes one 0810 carries (F48 holds 322 digits: 13 + 21 a change).
+/// How long the front end waits after a failed accept before accepting again.
+pub const ACCEPT_BACKOFF_MS: u64 = 100;
+
+/// Blacklist changes one 0810 carries (F48 holds 322 digits: 13 + 21 a change, so 14).
 pub const BLACKLIST_ENTRIES_PER_MESSAGE: i64 = 14;
 
 /// The header onecard answers with (docs/protocol.md section 1).
@@ -94,9 +98,18 @@ impl Posp {
                 _ = &mut shutdown => return Ok(()),
                 p = slots.clone().acquire_owned() => p?,
             };
-            let (stream, peer) = tokio::select! {
+            let accepted = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                a = listener.accept() => a?,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, an aborted handshake: keep serving the others.
+                    tracing::error!(error = %e, "accepting a terminal connection failed");
+                    tokio::time::sleep(Duration::from_millis(ACCEPT_BACKOFF_MS)).await;
+                    continue;
+                }
             };
             let posp = self.clone();
             tokio::spawn(async move {
@@ -110,6 +123,9 @@ impl Posp {
 
     async fn connection(&self, mut stream: TcpStream) -> anyhow::Result<()> {
         let peer = stream.peer_addr()?.ip().to_string();
+        // The terminal this connection signed in as: only it may sign off here, and only its
+        // blacklist version is recorded from here.
+        let mut signed_in: Option<String> = None;
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
         let idle = Duration::from_millis(self.config.idle_timeout_ms);
@@ -123,9 +139,10 @@ impl Posp {
                 let request = f.message.to_vec();
                 buf.drain(..used);
                 let limit = Duration::from_millis(self.config.message_timeout_ms);
-                let answer = tokio::time::timeout(limit, self.handle(&request, &peer))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("a message took longer than {limit:?}"))??;
+                let answer =
+                    tokio::time::timeout(limit, self.handle(&request, &peer, &mut signed_in))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("a message took longer than {limit:?}"))??;
                 if let Some(body) = answer {
                     let out = frame::build(&self.profile, reply_tpdu, &HEADER, &body)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -143,7 +160,12 @@ impl Posp {
     }
 
     /// Answers one message (`None`: no answer, the connection closes).
-    async fn handle(&self, bytes: &[u8], peer: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn handle(
+        &self,
+        bytes: &[u8],
+        peer: &str,
+        signed_in: &mut Option<String>,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
         let request = match iso8583::decode(&self.profile, bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -160,7 +182,9 @@ impl Posp {
         let network = request.text(60).and_then(|t| t.get(8..11)).unwrap_or("");
         match (request.mti_str(), network) {
             ("0800", "003") | ("0800", "001") | ("0800", "004") => {
-                self.sign_in(&request, &mut answer, peer).await?;
+                if let Some(t) = self.sign_in(&request, &mut answer, peer).await? {
+                    *signed_in = Some(t);
+                }
                 Ok(Some(self.encode(&answer)?))
             }
             ("0800", "391") => {
@@ -180,21 +204,24 @@ impl Posp {
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+                // What the terminal holds once it applied this message: the version it asks
+                // from next (the last change's when more follow).
+                let held = match delta.changes.last() {
+                    Some(c) if delta.more => c.version,
+                    _ => delta.version,
+                };
                 let mut f48 = format!(
                     "{:010}{}{:02}",
-                    delta.version,
+                    held,
                     u8::from(delta.more),
                     delta.changes.len()
                 );
                 for c in &delta.changes {
                     f48.push_str(&format!("{}{}", u8::from(c.listed), c.asn));
                 }
-                // What the terminal holds once it applied this message.
-                let held = match delta.changes.last() {
-                    Some(c) if delta.more => c.version,
-                    _ => delta.version,
-                };
-                app::terminals::record_blacklist_version(&self.app, &terminal_no, held).await?;
+                if signed_in.as_deref() == Some(terminal_no.as_str()) {
+                    app::terminals::record_blacklist_version(&self.app, &terminal_no, held).await?;
+                }
                 answer.set(48, f48);
                 answer.set(39, "00");
                 Ok(Some(self.encode(&answer)?))
@@ -205,8 +232,12 @@ impl Posp {
                     return Ok(Some(self.encode(&answer)?));
                 };
                 let f48 = request.text(48).unwrap_or("").to_owned();
+                let batch = request
+                    .text(60)
+                    .and_then(|t| t.get(2..8))
+                    .unwrap_or("000000");
                 let (amount, count) =
-                    app::terminals::totals_since_sign_in(&self.app, &terminal_no).await?;
+                    app::terminals::batch_totals(&self.app, &terminal_no, batch).await?;
                 let reported = (
                     f48.get(0..12).and_then(|a| a.parse::<i64>().ok()),
                     f48.get(12..15).and_then(|c| c.parse::<i64>().ok()),
@@ -227,17 +258,44 @@ impl Posp {
                 Ok(Some(self.encode(&answer)?))
             }
             ("0820", "002") => {
-                if let Some(t) = self.terminal_no(&request).await? {
-                    self.sessions.lock().expect("sessions").remove(&t);
+                // Only the connection that signed a terminal in may sign it off.
+                let t = self.terminal_no(&request).await?;
+                if t.is_some() && t == *signed_in {
+                    self.sessions
+                        .lock()
+                        .expect("sessions")
+                        .remove(t.as_deref().unwrap_or(""));
+                    *signed_in = None;
+                    answer.set(39, "00");
+                } else {
+                    answer.set(39, "12");
                 }
-                answer.set(39, "00");
                 Ok(Some(self.encode(&answer)?))
             }
             ("0320", _) | ("0200", _) | ("0220", _) | ("0400", _) => {
+                let terminal = match request.text(41) {
+                    Some(f41) => app::terminals::by_f41(&self.app, f41.trim()).await?,
+                    None => None,
+                };
+                if let Some(t) = terminal.as_ref().filter(|t| !t.enabled) {
+                    // Disabled since it signed in: its session ends here.
+                    self.sessions
+                        .lock()
+                        .expect("sessions")
+                        .remove(&t.terminal_no);
+                    answer.set(39, "03");
+                    return Ok(Some(self.encode(&answer)?));
+                }
                 let Some(session) = self.session(&request).await? else {
                     answer.set(39, "77");
                     return Ok(Some(self.encode(&answer)?));
                 };
+                let algorithm = self.profile.mac_algorithm;
+                if algorithm.is_none_or(|a| session.mac(a, &[]).is_err()) {
+                    // The session cannot make this profile's MAC: fail closed.
+                    answer.set(39, "A0");
+                    return Ok(Some(self.encode(&answer)?));
+                }
                 let check = iso8583::decode_verified(&self.profile, bytes, |alg, mab| {
                     session.mac(alg, mab).unwrap_or([0; 8])
                 })
@@ -331,7 +389,7 @@ impl Posp {
         request: &Message,
         answer: &mut Message,
         peer: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<String>> {
         let f41 = request.text(41).unwrap_or("").trim().to_owned();
         let psam = request
             .get(62)
@@ -353,7 +411,7 @@ impl Posp {
             tracing::warn!(%peer, reason = %why, "ALARM: terminal sign-in refused");
             app::terminals::record_refusal(&self.app, peer, &f41, &why).await?;
             answer.set(39, "03");
-            return Ok(());
+            return Ok(None);
         }
         let t = terminal.expect("checked");
         let number = t.terminal_no.clone();
@@ -382,9 +440,13 @@ impl Posp {
         );
         answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
         answer.set(39, "00");
+        answer.set(
+            13,
+            app::cards::date_after_days(ledger_ts(now), 0)[5..].replace('-', ""),
+        );
         answer.set(60, "00000001003");
         answer.set(62, f62);
-        Ok(())
+        Ok(Some(number))
     }
 
     async fn authorise(
@@ -420,6 +482,10 @@ impl Posp {
             format!("{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60),
         );
         answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
+        answer.set(
+            13,
+            app::cards::date_after_days(ledger_ts(now), 0)[5..].replace('-', ""),
+        );
         if let Some(code) = decision.auth_code {
             answer.set(38, code);
         }
@@ -428,7 +494,13 @@ impl Posp {
     }
 
     async fn upload(&self, request: &Message, answer: &mut Message) -> anyhow::Result<()> {
-        let record = request.text(58).and_then(parse_record);
+        let record = request.text(58).and_then(parse_record).map(|mut r| {
+            r.batch = request
+                .text(60)
+                .and_then(|t| t.get(2..8))
+                .map(str::to_owned);
+            r
+        });
         let Some(record) = record else {
             answer.set(39, "30");
             return Ok(());
@@ -458,12 +530,18 @@ impl Posp {
     }
 }
 
+/// The answer's MTI: the function digit plus one (0200 → 0210); a request whose function
+/// digit is already 9 is answered as an 0x90 message (and gets `12`).
 fn reply_mti(mti: &str) -> String {
     let mut b = mti.as_bytes().to_vec();
-    if b.len() == 4 && b[2].is_ascii_digit() {
+    if b.len() == 4 && (b'0'..=b'8').contains(&b[2]) {
         b[2] += 1;
     }
     String::from_utf8(b).unwrap_or_else(|_| "0000".into())
+}
+
+fn ledger_ts(ms: i64) -> ledger_time::Timestamp {
+    ledger_time::Timestamp(ms)
 }
 
 /// The purse record of F58 (docs/protocol.md section 4).
@@ -481,6 +559,7 @@ pub fn parse_record(t: &str) -> Option<app::ingest::OfflineRecord> {
         balance_before_fen: t[59..69].parse().ok()?,
         tx_at: t[69..83].to_owned(),
         tac: t[83..91].to_owned(),
+        batch: None,
     })
 }
 

@@ -123,6 +123,7 @@ conformance! {
             asn: ASN.into(), counter: r.offline_counter, tx_type: 6, terminal_no: "000000000001".into(),
             ttc: r.ttc, amount_fen: r.amount_fen, balance_before_fen: r.balance_before_fen,
             tx_at: "20261128120000".into(), tac: r.tac.to_bytes().iter().map(|b| format!("{b:02X}")).collect(),
+        batch: None,
         };
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -220,6 +221,20 @@ conformance! {
         assert_eq!(answer.text(48), Some("0000000002000"));
         let held = app::terminals::list(&app, &cli, None, 10).await.unwrap();
         assert_eq!(held[0].blacklist_version, 2);
+        // More changes than one message holds: the terminal follows "more" to the end.
+        for _ in 0..8 {
+            app::cards::report_loss(&app, &cli, issued.id).await.unwrap();
+            app::cards::unlock(&app, &cli, issued.id).await.unwrap();
+        }
+        let page = exchange(&mut conn, &bl("0000000002"), None).await;
+        let f48 = page.text(48).unwrap().to_owned();
+        assert_eq!(&f48[..13], "0000000016114", "held 16, more, 14 entries");
+        let page = exchange(&mut conn, &bl(&f48[..10]), None).await;
+        assert_eq!(&page.text(48).unwrap()[..13], "0000000018002", "then 18, no more, 2 entries");
+        // Sign-off from another connection is refused; blacklist reads from it are not recorded.
+        let mut other = TcpStream::connect(addr).await.unwrap();
+        let off = Message::new("0820").with(11, "000111").with(41, "00000001").with(60, "00000001002");
+        assert_eq!(exchange(&mut other, &off, None).await.text(39), Some("12"));
         // Settlement: the one record posted since sign-in balances; other totals do not.
         let settle = |f48: &str| Message::new("0500").with(11, "000110").with(41, "00000001")
             .with(42, "000000000000001").with(48, f48).with(49, "156").with(60, "00000001201");
@@ -228,6 +243,15 @@ conformance! {
         assert_eq!(ok.text(48).unwrap().as_bytes()[30], b'1', "balanced");
         let off = exchange(&mut conn, &settle(&format!("000000009999001{}0{zeros}", "0".repeat(15))), None).await;
         assert_eq!(off.text(48).unwrap().as_bytes()[30], b'2', "not balanced");
+        // A terminal disabled after it signed in is refused at once, and must sign in again.
+        let t_id = app::terminals::list(&app, &cli, None, 10).await.unwrap()[0].id;
+        app::terminals::update(&app, &cli, t_id, app::terminals::TerminalPatch { enabled: Some(false), ..Default::default() }).await.unwrap();
+        assert_eq!(exchange(&mut conn, &auth("000112", ASN, 100), Some(&mak)).await.text(39), Some("03"));
+        app::terminals::update(&app, &cli, t_id, app::terminals::TerminalPatch { enabled: Some(true), ..Default::default() }).await.unwrap();
+        assert_eq!(exchange(&mut conn, &auth("000113", ASN, 100), Some(&mak)).await.text(39), Some("77"));
+        let answer = exchange(&mut conn, &sign_in("00000001", PSAM), None).await;
+        let f62 = answer.get(62).unwrap().to_vec();
+        let mak = tmk.unwrap_des_key(f62[20..28].try_into().unwrap());
         clock.advance_ms(5 * 366 * 86_400_000);
         assert_eq!(exchange(&mut conn, &auth("000108", ASN, 100), Some(&mak)).await.text(39), Some("54"), "expired");
 

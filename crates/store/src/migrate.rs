@@ -52,6 +52,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "authorisations",
         sql: include_str!("../migrations/sqlite/0005_authorisations.sql"),
     },
+    Source {
+        version: 6,
+        name: "record_batches",
+        sql: include_str!("../migrations/sqlite/0006_record_batches.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -79,6 +84,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 5,
         name: "authorisations",
         sql: include_str!("../migrations/postgres/0005_authorisations.sql"),
+    },
+    Source {
+        version: 6,
+        name: "record_batches",
+        sql: include_str!("../migrations/postgres/0006_record_batches.sql"),
     },
 ];
 

@@ -236,9 +236,11 @@ impl SqliteStore {
             });
             let keep = result.is_ok();
             let done: TxDone = Box::new(move |committed| {
-                let out = match committed {
-                    Ok(()) => result,
-                    Err(m) => Err(E::from(anyhow::anyhow!("commit failed: {m}"))),
+                let out = match (committed, result) {
+                    (Ok(()), r) => r,
+                    // Its own error says more than the group's failed commit.
+                    (Err(_), Err(e)) => Err(e),
+                    (Err(m), Ok(_)) => Err(E::from(anyhow::anyhow!("commit failed: {m}"))),
                 };
                 let _ = reply.send(out);
             });
@@ -789,7 +791,27 @@ fn commit_transactions(conn: &mut Connection, group: Vec<TxJob>, commits: &Atomi
             tracing::error!(error = %e, "a savepoint could not start; the transaction is dropped");
             continue;
         }
-        let (keep, done) = job(conn);
+        // A panic in one job must not take the writer thread (and every later write) down.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
+        let (keep, done) = match ran {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("a transaction panicked; it is rolled back");
+                let _ = conn.execute_batch("ROLLBACK TO work; RELEASE work");
+                // Its caller is answered by its dropped reply channel.
+                continue;
+            }
+        };
+        // SQLite may have rolled the whole transaction back itself (disk full, I/O error):
+        // then nothing of the group may be kept.
+        if conn.is_autocommit() {
+            let message = "SQLite ended the transaction (disk full or I/O error)".to_owned();
+            done(Err(message.clone()));
+            for d in dones {
+                d(Err(message.clone()));
+            }
+            return;
+        }
         let end = if keep {
             "RELEASE work"
         } else {
