@@ -220,17 +220,39 @@ pub async fn reverse(app: &App, terminal_no: &str, batch: &str, stan: &str) -> A
         .await
 }
 
-/// Marks the authorisation (terminal, batch, trace) confirmed, if it was approved.
-pub async fn confirm(app: &App, terminal_no: &str, batch: &str, stan: &str) -> AppResult<()> {
+/// Marks the authorisation (terminal, batch, trace) confirmed, if it was approved for this
+/// card and amount (a record of another card or amount confirms nothing).
+pub async fn confirm(
+    app: &App,
+    terminal_no: &str,
+    batch: &str,
+    stan: &str,
+    asn: &str,
+    amount_fen: i64,
+) -> AppResult<()> {
     let now = app.now();
-    let (terminal_no, batch, stan) = (terminal_no.to_owned(), batch.to_owned(), stan.to_owned());
+    let (terminal_no, batch, stan, asn) = (
+        terminal_no.to_owned(),
+        batch.to_owned(),
+        stan.to_owned(),
+        asn.to_owned(),
+    );
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
                 tx.execute(
                     "UPDATE authorisations SET status = $1, updated_at = $2 WHERE terminal_no = $3 \
-                     AND batch = $4 AND stan = $5 AND status = $6",
-                    params![CONFIRMED, now.0, terminal_no, batch, stan, APPROVED],
+                     AND batch = $4 AND stan = $5 AND status = $6 AND asn = $7 AND amount_fen = $8",
+                    params![
+                        CONFIRMED,
+                        now.0,
+                        terminal_no,
+                        batch,
+                        stan,
+                        APPROVED,
+                        asn,
+                        amount_fen
+                    ],
                 )
                 .await?;
                 Ok(())

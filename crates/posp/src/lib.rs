@@ -126,6 +126,7 @@ impl Posp {
         // The terminal this connection signed in as: only it may sign off here, and only its
         // blacklist version is recorded from here.
         let mut signed_in: Option<String> = None;
+        let mut frame_started: Option<std::time::Instant> = None;
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
         let idle = Duration::from_millis(self.config.idle_timeout_ms);
@@ -135,6 +136,7 @@ impl Posp {
                 let parsed = frame::split(&self.profile, &buf)
                     .map_err(|e| anyhow::anyhow!("{e}; closing the connection"))?;
                 let Some((f, used)) = parsed else { break };
+                frame_started = None;
                 let reply_tpdu = f.reply_tpdu();
                 let request = f.message.to_vec();
                 buf.drain(..used);
@@ -149,9 +151,19 @@ impl Posp {
                     stream.write_all(&out).await?;
                 }
             }
-            let n = tokio::time::timeout(idle, stream.read(&mut chunk))
+            // A frame begun must arrive whole within the message timeout (a terminal sending
+            // a byte now and then cannot hold a connection slot); between frames, the idle
+            // timeout applies.
+            let wait = if buf.is_empty() {
+                idle
+            } else {
+                let limit = Duration::from_millis(self.config.message_timeout_ms);
+                let since = *frame_started.get_or_insert_with(std::time::Instant::now);
+                limit.saturating_sub(since.elapsed())
+            };
+            let n = tokio::time::timeout(wait, stream.read(&mut chunk))
                 .await
-                .map_err(|_| anyhow::anyhow!("idle for {idle:?}"))??;
+                .map_err(|_| anyhow::anyhow!("no whole frame within {wait:?}"))??;
             if n == 0 {
                 return Ok(());
             }
@@ -322,6 +334,12 @@ impl Posp {
                                 &terminal_no,
                                 &original[..6],
                                 &original[6..12],
+                                request.text(58).and_then(|t| t.get(..20)).unwrap_or(""),
+                                request
+                                    .text(58)
+                                    .and_then(|t| t.get(49..59))
+                                    .and_then(|a| a.parse().ok())
+                                    .unwrap_or(-1),
                             )
                             .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
