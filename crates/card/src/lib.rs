@@ -35,5 +35,6 @@ pub mod psam;
 pub mod purse;
 pub mod random;
 pub mod soft_card;
+pub mod terminal;
 
 pub use codec::StateError;

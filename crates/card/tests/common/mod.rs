@@ -25,10 +25,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 }
 
 use card::apdu::{Response, StatusWord};
-use card::commands::{
-    self, DebitResponse, EP_ADF_AID, LoadInitResponse, PurchaseInitResponse, SamPurchaseInit,
-    SamPurchaseInitResponse, TransactionProof,
-};
+use card::commands::{self, EP_ADF_AID, LoadInitResponse, TransactionProof};
 use card::crypto::{
     Mac4, Pin, PurseAlgorithm, PurseKey, load_mac1, load_mac2, load_tac, purchase_tac,
 };
@@ -311,136 +308,9 @@ pub fn load(
     }
 }
 
-/// The record a terminal keeps of a purchase for upload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PurchaseRecord {
-    pub asn: Asn,
-    pub balance_before_fen: u32,
-    pub offline_counter: u16,
-    pub ttc: u32,
-    pub amount_fen: u32,
-    pub terminal_id: TerminalId,
-    pub date_time: TxDateTime,
-    pub tac: Mac4,
-}
-
-/// What a purchase ended with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PurchaseEnd {
-    Done(PurchaseRecord),
-    InitRefused(StatusWord),
-    SamRefused(StatusWord),
-    DebitRefused(StatusWord),
-    /// The PSAM's 8072 refused the card's MAC2.
-    Mac2Refused(StatusWord, PurchaseRecord),
-    /// The card tore during DEBIT; the terminal re-read the card.
-    Torn {
-        counter_advanced: bool,
-        recovered: Option<(TransactionProof, PurchaseRecord)>,
-    },
-}
-
-/// A full purchase through APDUs between card and PSAM (spec §2.6).
-pub fn purchase(
-    card: &mut SoftCard,
-    psam: &mut SoftPsam,
-    rng: &mut dyn RandomSource,
-    amount_fen: u32,
-    date_time: &TxDateTime,
-) -> PurchaseEnd {
-    // 1. PSAM: terminal id and key index.
-    let r = psam.transmit(&commands::read_binary_sfi(0x16, 0, 6));
-    assert!(r.is_ok(), "{r:?}");
-    let terminal_id = TerminalId::from_slice(r.data()).unwrap();
-    let r = psam.transmit(&commands::select_by_name(PSAM_AID));
-    assert!(r.is_ok(), "{r:?}");
-    let r = psam.transmit(&commands::read_binary_sfi(0x17, 0, 25));
-    assert!(r.is_ok(), "{r:?}");
-    let key_index = r.data()[0];
-    // 2-3. Card: ASN, INITIALIZE FOR PURCHASE.
-    let asn = select_and_read_asn(card, rng);
-    let r = send(
-        card,
-        rng,
-        &commands::initialize_for_purchase(key_index, amount_fen, &terminal_id),
-    );
-    if !r.is_ok() {
-        return PurchaseEnd::InitRefused(r.sw());
-    }
-    let init = PurchaseInitResponse::parse(r.data()).unwrap();
-    // 4. PSAM: TTC and MAC1.
-    let sam_init = SamPurchaseInit::new(
-        init.random,
-        init.offline_counter,
-        amount_fen,
-        TxType::EpPurchase,
-        *date_time,
-        init.key_version,
-        init.algorithm_id,
-        asn.diversification_factor(),
-        &[],
-    )
-    .unwrap();
-    let r = psam.transmit(&sam_init.to_apdu());
-    if !r.is_ok() {
-        return PurchaseEnd::SamRefused(r.sw());
-    }
-    let sam = SamPurchaseInitResponse::parse(r.data()).unwrap();
-    let mut record = PurchaseRecord {
-        asn,
-        balance_before_fen: init.balance_fen,
-        offline_counter: init.offline_counter,
-        ttc: sam.ttc,
-        amount_fen,
-        terminal_id,
-        date_time: *date_time,
-        tac: Mac4::new([0; 4]),
-    };
-    // 5. Card: DEBIT.
-    let debit = match card.transmit(
-        &commands::debit_for_purchase(sam.ttc, date_time, sam.mac1),
-        rng,
-    ) {
-        Ok(r) if r.is_ok() => DebitResponse::parse(r.data()).unwrap(),
-        Ok(r) => return PurchaseEnd::DebitRefused(r.sw()),
-        Err(Torn) => {
-            // 8. Re-select, re-read the counter; if it advanced, fetch the proof.
-            select_and_read_asn(card, rng);
-            let r = send(
-                card,
-                rng,
-                &commands::initialize_for_purchase(key_index, 0, &terminal_id),
-            );
-            let now = PurchaseInitResponse::parse(r.data()).unwrap();
-            let counter_advanced = now.offline_counter != init.offline_counter;
-            let recovered = if counter_advanced {
-                let r = send(
-                    card,
-                    rng,
-                    &commands::get_transaction_prove(TxType::EpPurchase, init.offline_counter),
-                );
-                r.is_ok().then(|| {
-                    let proof = TransactionProof::parse(r.data()).unwrap();
-                    record.tac = proof.tac;
-                    (proof, record.clone())
-                })
-            } else {
-                None
-            };
-            return PurchaseEnd::Torn {
-                counter_advanced,
-                recovered,
-            };
-        }
-    };
-    record.tac = debit.tac;
-    // 6. PSAM: check MAC2.
-    let r = psam.transmit(&commands::credit_sam_for_purchase(debit.mac2));
-    if !r.is_ok() {
-        return PurchaseEnd::Mac2Refused(r.sw(), record);
-    }
-    PurchaseEnd::Done(record)
-}
+// The purchase flow is the library's (the POS simulator uses it too).
+#[allow(unused_imports)] // Each test binary uses a different subset.
+pub use card::terminal::{PurchaseEnd, PurchaseRecord, purchase};
 
 pub fn terminal() -> TerminalId {
     TerminalId::parse_digits("000000000001").unwrap()
