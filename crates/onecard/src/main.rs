@@ -103,6 +103,9 @@ enum Command {
     /// The audit log: verify its hash chain, or list it.
     #[command(subcommand)]
     Audit(desk_cli::AuditCommand),
+    /// Simulators: `sim pos` sells with software cards through software PSAMs over TCP.
+    #[command(subcommand)]
+    Sim(SimCommand),
     /// Terminals (POS, kiosks, gateways): register, enable, disable, bind a PSAM; the
     /// quarantined offline records; a card's purse anomalies.
     #[command(subcommand)]
@@ -296,6 +299,51 @@ enum BenchCommand {
     Posp(bench::PospArgs),
 }
 
+#[derive(Subcommand, Debug)]
+enum SimCommand {
+    /// Virtual POS terminals selling to a population of software cards (some lying about
+    /// their balance, some tearing) through the terminal front end; prints progress and a
+    /// summary. Makes its population in the database first (needs the KEK).
+    Pos(SimPosArgs),
+}
+
+#[derive(Args, Debug)]
+struct SimPosArgs {
+    #[arg(long, default_value_t = 4)]
+    terminals: usize,
+    #[arg(long, default_value_t = 200)]
+    cards: usize,
+    /// Sales a second over all terminals.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// online (authorise, pay, confirm) or offline (pay, upload).
+    #[arg(long, value_enum, default_value = "online")]
+    mode: SimMode,
+    /// Share of cards that report a higher balance than they hold (0 to 1).
+    #[arg(long, default_value_t = 0.05)]
+    lying: f64,
+    /// Share of DEBITs that tear (0 to 1).
+    #[arg(long, default_value_t = 0.02)]
+    torn: f64,
+    /// A running front end to sell through; by default one is started in this process.
+    #[arg(long, value_name = "IP:PORT")]
+    posp: Option<std::net::SocketAddr>,
+    /// The first terminal number (12 digits) of the population; another run needs others.
+    #[arg(long, default_value_t = 900_000_000_001)]
+    first_terminal: u64,
+    /// The first card ASN (20 digits) of the population.
+    #[arg(long, default_value_t = 90_000_000_000_000_000_001)]
+    first_asn: u128,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SimMode {
+    Online,
+    Offline,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum BackendChoice {
     Sqlite,
@@ -484,6 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Blacklist { since, json } => {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
         }
+        Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
         Command::Terminal(cmd) => {
             desk_cli::terminal(&app(&config, open(&config, false).await?), cmd).await?
         }
@@ -956,4 +1005,81 @@ async fn transfer(config: &Config, cmd: TransferCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.lying) && (0.0..=1.0).contains(&args.torn),
+        "--lying and --torn are shares from 0 to 1"
+    );
+    anyhow::ensure!(
+        args.terminals >= 1 && args.cards >= 1 && args.rate >= 1,
+        "--terminals, --cards and --rate must be at least 1"
+    );
+    let kek =
+        load_kek(config).context("the simulator personalises cards and PSAMs: it needs the KEK")?;
+    let app = app(config, open(config, false).await?);
+    let module: Arc<dyn app::security::SecurityModule> =
+        Arc::new(app::security::SoftwareSecurityModule::open(app.store(), &kek).await?);
+    let merchant = match app
+        .store()
+        .account_by_name("merchant:simulated-canteen")
+        .await?
+    {
+        Some(a) => a.account.id,
+        None => {
+            app.create_account(
+                ledger::AccountKind::MerchantPayable,
+                Some("merchant:simulated-canteen"),
+            )
+            .await?
+            .account
+            .id
+        }
+    };
+    let sim_config = sim::PosSimConfig {
+        terminals: args.terminals,
+        cards: args.cards,
+        rate_per_s: args.rate,
+        seconds: args.seconds,
+        online: matches!(args.mode, SimMode::Online),
+        lying_share: args.lying,
+        torn_share: args.torn,
+        first_terminal: args.first_terminal,
+        first_asn: args.first_asn,
+        ..sim::PosSimConfig::default()
+    };
+    println!(
+        "setting up {} terminals and {} cards (personalised and loaded)...",
+        args.terminals, args.cards
+    );
+    let population = Arc::new(sim::setup(&app, module.clone(), merchant, &sim_config).await?);
+    let (addr, server) = match args.posp {
+        Some(a) => (a, None),
+        None => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let front = posp::Posp::new(app.clone(), module.clone(), posp::PospConfig::default());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(front.serve(listener, async {
+                let _ = stopped.await;
+            }));
+            (addr, Some((stop, task)))
+        }
+    };
+    let total = args.rate * args.seconds;
+    println!(
+        "selling {total} times at {}/s through {addr} ({:?} mode)",
+        args.rate, args.mode
+    );
+    let report = sim::run(population, addr, &sim_config, move |done| {
+        println!("  {done}/{total} sales");
+    })
+    .await?;
+    if let Some((stop, task)) = server {
+        let _ = stop.send(());
+        task.await??;
+    }
+    println!("{report}");
+    Ok(())
 }
