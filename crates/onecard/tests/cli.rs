@@ -988,3 +988,129 @@ fn operators_are_managed_from_the_command_line() {
         );
     }
 }
+
+#[test]
+fn terminals_and_the_pos_simulator_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kek = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+    let run = |args: &[&str]| {
+        let o = with_kek(d, Some(kek), args);
+        assert!(o.status.success(), "onecard {args:?} failed:\n{}", text(&o));
+        text(&o)
+    };
+    run(&["init"]);
+    run(&["keys", "ceremony"]);
+    // Registry: bad input refused with the reason, good input listed.
+    let o = with_kek(
+        d,
+        Some(kek),
+        &[
+            "terminal",
+            "register",
+            "--terminal-no",
+            "12",
+            "--kind",
+            "pos",
+            "--location",
+            "x",
+        ],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("must be 12 hexadecimal digits"),
+        "{}",
+        text(&o)
+    );
+    let o = with_kek(
+        d,
+        Some(kek),
+        &[
+            "terminal",
+            "register",
+            "--terminal-no",
+            "000000000042",
+            "--kind",
+            "pos",
+            "--location",
+            "x",
+        ],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("merchant"),
+        "{}",
+        text(&o)
+    );
+    // The simulator sells online, then offline, and the books still balance.
+    let out = run(&[
+        "sim",
+        "pos",
+        "--terminals",
+        "2",
+        "--cards",
+        "10",
+        "--rate",
+        "20",
+        "--seconds",
+        "1",
+    ]);
+    assert!(
+        out.contains("sales tried 20") && out.contains("quarantined 0"),
+        "{out}"
+    );
+    let out = run(&[
+        "sim",
+        "pos",
+        "--terminals",
+        "2",
+        "--cards",
+        "10",
+        "--rate",
+        "20",
+        "--seconds",
+        "1",
+        "--mode",
+        "offline",
+        "--first-terminal",
+        "900000000101",
+        "--first-asn",
+        "90000000000000000101",
+    ]);
+    assert!(out.contains("records posted 20"), "{out}");
+    let list = run(&["terminal", "list"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("simulated POS")).count(),
+        4,
+        "{list}"
+    );
+    // A second run on the same numbers is refused with the reason.
+    let o = with_kek(
+        d,
+        Some(kek),
+        &[
+            "sim",
+            "pos",
+            "--terminals",
+            "1",
+            "--cards",
+            "1",
+            "--rate",
+            "1",
+            "--seconds",
+            "1",
+        ],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("registered already"),
+        "{}",
+        text(&o)
+    );
+    assert!(run(&["db-check"]).contains("OK"));
+    assert!(run(&["audit", "verify"]).contains("intact"));
+    // Without the KEK the simulator says what it needs.
+    let o = with_kek(d, None, &["sim", "pos"]);
+    assert!(
+        !o.status.success() && text(&o).contains("needs the KEK"),
+        "{}",
+        text(&o)
+    );
+}
