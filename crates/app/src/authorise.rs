@@ -108,7 +108,7 @@ async fn authorise_once(
     req: AuthorisationRequest,
 ) -> AppResult<Authorisation> {
     let now = app.now();
-    let today = crate::cards::date_after_days(now, 0);
+    let today = app.local_date(0);
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {

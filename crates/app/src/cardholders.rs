@@ -723,6 +723,7 @@ pub async fn import_csv(
         .collect();
     let now = app.now();
     let policy = app.policy().clone();
+    let valid_until = app.local_date(policy.valid_days);
     let actor = actor.clone();
     app.store()
         .transaction(move |tx| {
@@ -777,7 +778,7 @@ pub async fn import_csv(
                 }
                 let issue = options.issue_cards.then(|| cards::IssueTerms {
                     deposit_fen: policy.deposit_fen,
-                    expires_on: cards::date_after_days(now, policy.valid_days),
+                    expires_on: valid_until.clone(),
                 });
                 let cash = if issue.is_some() && policy.deposit_fen > 0 {
                     Some(

@@ -366,10 +366,10 @@ pub async fn issue(app: &App, actor: &Actor, req: IssueRequest) -> AppResult<Car
         ));
     }
     let now = app.now();
-    let today = date_after_days(now, 0);
+    let today = app.local_date(0);
     let expires_on = match &req.expires_on {
         Some(d) => parse_date(d)?,
-        None => date_after_days(now, app.policy().valid_days),
+        None => app.local_date(app.policy().valid_days),
     };
     if expires_on <= today {
         return Err(AppError::invalid(
@@ -643,6 +643,7 @@ pub async fn replace(
     }
     let now = app.now();
     let policy = app.policy().clone();
+    let local_valid_until = app.local_date(policy.valid_days);
     let actor = actor.clone();
     app.store()
         .transaction(move |tx| {
@@ -681,10 +682,7 @@ pub async fn replace(
                 .await?;
                 let terms = IssueTerms {
                     deposit_fen: old.deposit_fen,
-                    expires_on: old
-                        .expires_on
-                        .clone()
-                        .max(date_after_days(now, policy.valid_days)),
+                    expires_on: old.expires_on.clone().max(local_valid_until),
                 };
                 let new_id = insert_issued(tx, &actor, holder.id, &asn, &terms, now).await?;
                 tx.execute(

@@ -104,6 +104,9 @@ pub struct CardPolicy {
     /// How long a replaced or cancelled card's purse balance waits for the card's last
     /// offline records before it moves to the online account.
     pub purse_wait_ms: i64,
+    /// The campus's time zone as minutes east of UTC (480: China): business days, expiry
+    /// dates and terminals' local times are in it.
+    pub utc_offset_minutes: i32,
 }
 
 impl Default for CardPolicy {
@@ -113,6 +116,7 @@ impl Default for CardPolicy {
             valid_days: 4 * 365,
             replacement_fee_fen: 1_500,
             purse_wait_ms: 7 * 24 * 3_600 * 1_000,
+            utc_offset_minutes: 480,
         }
     }
 }
@@ -142,6 +146,17 @@ impl App {
 
     pub fn policy(&self) -> &CardPolicy {
         &self.policy
+    }
+
+    /// Now in the campus's time zone, as milliseconds since 1970 of the local wall clock
+    /// (for dates and local times; never for stored instants).
+    pub fn local_ms(&self) -> i64 {
+        self.now().0 + i64::from(self.policy.utc_offset_minutes) * 60_000
+    }
+
+    /// The local date `days` from today, `YYYY-MM-DD`.
+    pub fn local_date(&self, days: u32) -> String {
+        cards::date_after_days(Timestamp(self.local_ms()), days)
     }
 
     /// A fresh, time-ordered transfer id (UUIDv7 layout: milliseconds, then randomness).

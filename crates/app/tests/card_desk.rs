@@ -572,3 +572,40 @@ conformance! {
         assert_books_balance(&app).await;
     }
 }
+
+#[tokio::test]
+async fn dates_are_the_campus_local_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::open(
+        &store::DatabaseUrl::Sqlite(dir.path().join("t.db")),
+        store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    // 2027-01-15 20:00 UTC is already the 16th in Beijing (UTC+8, the default).
+    let at = Timestamp(1_800_000_000_000 - (1_800_000_000_000 % 86_400_000) + 20 * 3_600_000);
+    let app = App::new(store.clone(), Arc::new(ManualClock::new(at)));
+    assert_eq!(app.local_date(0), "2027-01-16");
+    let utc = App::new(store, Arc::new(ManualClock::new(at))).with_policy(app::CardPolicy {
+        utc_offset_minutes: 0,
+        ..Default::default()
+    });
+    assert_eq!(utc.local_date(0), "2027-01-15");
+    // A card issued then expires on the local date plus its validity.
+    let a = Actor::cli();
+    stocked(&app, "10000000000000000001", 1).await;
+    let h = cardholders::create(&app, &a, student("S1", "x"))
+        .await
+        .unwrap();
+    let c = cards::issue(
+        &app,
+        &a,
+        IssueRequest {
+            cardholder_id: h.id,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.expires_on, app.local_date(app.policy().valid_days));
+}

@@ -41,6 +41,8 @@ struct FileConfig {
     http: Option<HttpFile>,
     posp: Option<HttpFile>,
     cards: Option<CardsFile>,
+    /// The campus's time zone, minutes east of UTC (480 for China).
+    utc_offset_minutes: Option<i32>,
 }
 
 /// `[cards]`: the card desk's policy.
@@ -156,6 +158,13 @@ impl Config {
         let kek_file = env("ONECARD_KEK_FILE").map(PathBuf::from).or(file.kek_file);
         let kek_env = env("ONECARD_KEK").map(secrecy::SecretString::from);
         let mut card_policy = app::CardPolicy::default();
+        if let Some(m) = file.utc_offset_minutes {
+            anyhow::ensure!(
+                (-720..=840).contains(&m),
+                "utc_offset_minutes = {m} must be -720 to 840 (minutes east of UTC)"
+            );
+            card_policy.utc_offset_minutes = m;
+        }
         if let Some(c) = file.cards {
             let fen = |name: &str, v: i64| {
                 anyhow::ensure!(

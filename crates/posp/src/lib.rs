@@ -24,7 +24,6 @@ use std::time::Duration;
 use app::security::{KeyKind, SecurityModule, TerminalSession};
 use app::{Actor, App};
 use iso8583::{MacCheck, Message, Profile, frame};
-use ledger as ledger_time;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -451,17 +450,14 @@ impl Posp {
             .insert(number.clone(), Arc::new(session));
         app::terminals::record_sign_in(&self.app, &number, peer).await?;
         let now = self.app.now().0;
-        let secs = now.div_euclid(1000).rem_euclid(86_400);
+        let secs = self.app.local_ms().div_euclid(1000).rem_euclid(86_400);
         answer.set(
             12,
             format!("{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60),
         );
         answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
         answer.set(39, "00");
-        answer.set(
-            13,
-            app::cards::date_after_days(ledger_ts(now), 0)[5..].replace('-', ""),
-        );
+        answer.set(13, self.app.local_date(0)[5..].replace('-', ""));
         answer.set(60, "00000001003");
         answer.set(62, f62);
         Ok(Some(number))
@@ -494,16 +490,13 @@ impl Posp {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = self.app.now().0;
-        let secs = now.div_euclid(1000).rem_euclid(86_400);
+        let secs = self.app.local_ms().div_euclid(1000).rem_euclid(86_400);
         answer.set(
             12,
             format!("{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60),
         );
         answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
-        answer.set(
-            13,
-            app::cards::date_after_days(ledger_ts(now), 0)[5..].replace('-', ""),
-        );
+        answer.set(13, self.app.local_date(0)[5..].replace('-', ""));
         if let Some(code) = decision.auth_code {
             answer.set(38, code);
         }
@@ -556,10 +549,6 @@ fn reply_mti(mti: &str) -> String {
         b[2] += 1;
     }
     String::from_utf8(b).unwrap_or_else(|_| "0000".into())
-}
-
-fn ledger_ts(ms: i64) -> ledger_time::Timestamp {
-    ledger_time::Timestamp(ms)
 }
 
 /// The purse record of F58 (docs/protocol.md section 4).
