@@ -221,6 +221,18 @@ pub async fn ingest(
     policy: IngestPolicy,
     records: Vec<OfflineRecord>,
 ) -> AppResult<Vec<IngestOutcome>> {
+    ingest_releasing(app, module, policy, records, None).await
+}
+
+/// [`ingest`], first marking quarantined record `release` (with who and when) resolved in the
+/// same transaction, so that it is judged again instead of answered "already quarantined".
+async fn ingest_releasing(
+    app: &App,
+    module: &dyn SecurityModule,
+    policy: IngestPolicy,
+    records: Vec<OfflineRecord>,
+    release: Option<(i64, crate::Actor)>,
+) -> AppResult<Vec<IngestOutcome>> {
     if records.len() > INGEST_BATCH_MAX {
         return Err(AppError::invalid(
             "batch_too_large",
@@ -246,6 +258,30 @@ pub async fn ingest(
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
+                if let Some((id, actor)) = &release {
+                    let n = tx
+                        .execute(
+                            "UPDATE offline_records SET resolved_at = $1, resolution = $2 \
+                             WHERE id = $3 AND status = 1 AND resolved_at IS NULL",
+                            params![now.0, format!("released by {}", actor.name), *id],
+                        )
+                        .await?;
+                    if n != 1 {
+                        return Err(AppError::conflict(
+                            "not_quarantined",
+                            format!("record {id} is not an open quarantined record"),
+                        ));
+                    }
+                    crate::audit::append(
+                        tx,
+                        actor,
+                        now.0,
+                        "offline_record.release",
+                        &format!("offline-record:{id}"),
+                        "{}",
+                    )
+                    .await?;
+                }
                 let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; n];
                 decide_and_write(tx, &mut checked, &mut outcomes, now).await?;
                 Ok(outcomes
@@ -387,7 +423,8 @@ async fn decide_and_write(
         for row in tx
             .query(
                 "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason \
-                 FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3",
+                 FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3 \
+                 AND resolved_at IS NULL",
                 params![r.asn.clone(), i64::from(r.tx_type), i64::from(r.counter)],
             )
             .await?
@@ -491,7 +528,7 @@ async fn decide_and_write(
                                     .query_opt(
                                         "SELECT reason FROM offline_records WHERE asn = $1 \
                                          AND tx_type = $2 AND counter = $3 AND status = 1 \
-                                         ORDER BY id LIMIT 1",
+                                         AND resolved_at IS NULL ORDER BY id LIMIT 1",
                                         params![r.asn.clone(), i64::from(r.tx_type), i64::from(k)],
                                     )
                                     .await?
@@ -729,7 +766,8 @@ pub async fn quarantined(
         .store()
         .query(
             "SELECT id, asn, counter, terminal_no, amount_fen, reason, received_at \
-             FROM offline_records WHERE status = 1 AND (CAST($1 AS BIGINT) IS NULL OR id < $1) \
+             FROM offline_records WHERE status = 1 AND resolved_at IS NULL \
+             AND (CAST($1 AS BIGINT) IS NULL OR id < $1) \
              ORDER BY id DESC LIMIT $2",
             params![before, i64::from(limit.clamp(1, 1_000))],
         )
@@ -748,4 +786,44 @@ pub async fn quarantined(
         })
         .collect::<anyhow::Result<_>>()
         .map_err(AppError::from)
+}
+
+/// Releases a quarantined record: an operator has resolved its cause (enabled the terminal,
+/// unfroze the account, found the missing load) and it is judged again, now. It posts if it
+/// passes; otherwise it is quarantined again with the new reason. The released row stays,
+/// marked resolved, and the release is audited.
+pub async fn release(
+    app: &App,
+    module: &dyn SecurityModule,
+    actor: &crate::Actor,
+    policy: IngestPolicy,
+    id: i64,
+) -> AppResult<IngestOutcome> {
+    actor.require(crate::Permission::TerminalsManage)?;
+    let row = app
+        .store()
+        .query_opt(
+            "SELECT asn, counter, tx_type, terminal_no, ttc, amount_fen, balance_before_fen, \
+             tx_at, tac, batch FROM offline_records WHERE id = $1 AND status = 1 \
+             AND resolved_at IS NULL",
+            params![id],
+        )
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("no open quarantined record {id}")))?;
+    let tac = row.blob(8)?;
+    let record = OfflineRecord {
+        asn: row.text(0)?,
+        counter: row.int(1)? as u16,
+        tx_type: row.int(2)? as u8,
+        terminal_no: row.text(3)?,
+        ttc: row.int(4)? as u32,
+        amount_fen: row.int(5)? as u32,
+        balance_before_fen: row.int(6)? as u32,
+        tx_at: row.text(7)?,
+        tac: tac.iter().map(|b| format!("{b:02X}")).collect(),
+        batch: row.opt_text(9)?,
+    };
+    let mut out =
+        ingest_releasing(app, module, policy, vec![record], Some((id, actor.clone()))).await?;
+    Ok(out.pop().expect("one record, one answer"))
 }

@@ -181,6 +181,18 @@ conformance! {
             gaps.iter().any(|a| a.counter == i64::from(r5.offline_counter) && a.detail.contains("arrived but is quarantined")),
             "{gaps:?}"
         );
+        // The operator releases r5 (its terminal is enabled again): it is judged again and
+        // posts, late, filling its gap; the quarantine no longer lists it.
+        let q = ingest::quarantined(&app, &cli, None, 50).await.unwrap();
+        let id = q.iter().find(|x| x.reason.contains("disabled")).unwrap().id;
+        let desk = Actor { role: app::Role::CardDesk, ..Actor::cli() };
+        assert!(matches!(ingest::release(&app, &m, &desk, policy, id).await, Err(app::AppError::Forbidden(_))));
+        let out = ingest::release(&app, &m, &cli, policy, id).await.unwrap();
+        assert!(matches!(out, IngestOutcome::Posted { .. }), "{out:?}");
+        assert!(ingest::quarantined(&app, &cli, None, 50).await.unwrap().iter().all(|x| x.id != id));
+        assert_eq!(ingest::release(&app, &m, &cli, policy, id).await.unwrap_err().code(), "not_found");
+        let after = ingest::anomalies(&app, &cli, ASN).await.unwrap();
+        assert!(after.iter().any(|a| a.counter == i64::from(r5.offline_counter) && a.resolved_at_ms.is_some()), "{after:?}");
 
         // A card that reports an inflated balance still makes valid TACs: the shadow catches it.
         card.tamper_balance(card.balance_fen() + 5_000);
@@ -209,7 +221,7 @@ conformance! {
         assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("frozen")), "{out:?}");
         app.set_account_status(issued.purse_account, ledger::AccountStatus::Open).await.unwrap();
         let q = ingest::quarantined(&app, &cli, None, 50).await.unwrap();
-        assert_eq!(q.len(), 6, "{q:?}"); // forged, disabled, over, unknown card, junk, frozen
+        assert_eq!(q.len(), 5, "{q:?}"); // forged, over, unknown card, junk, frozen (disabled: released)
         assert!(app.check().await.unwrap().is_ok());
         assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
         assert!(terminals::get(&app, &cli, t.id).await.unwrap().last_seen_at_ms.is_some());

@@ -847,6 +847,11 @@ pub enum TerminalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Release a quarantined record once its cause is resolved: it is judged again and posts
+    /// if it now passes (needs the KEK: the TAC is checked again).
+    Release {
+        id: i64,
+    },
     /// A card's purse anomalies (missing records, balance mismatches).
     Anomalies {
         asn: String,
@@ -947,6 +952,9 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+        }
+        TerminalCommand::Release { .. } => {
+            anyhow::bail!("release is handled with the security module (see main)")
         }
         TerminalCommand::Anomalies { asn, json } => {
             let list = app::ingest::anomalies(app, &a, &asn).await?;

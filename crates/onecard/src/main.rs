@@ -533,6 +533,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
+        Command::Terminal(desk_cli::TerminalCommand::Release { id }) => {
+            let kek = load_kek(&config)
+                .context("releasing a record checks its TAC again: it needs the KEK")?;
+            let app = app(&config, open(&config, false).await?);
+            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
+            let out = app::ingest::release(
+                &app,
+                &module,
+                &app::Actor::cli(),
+                app::ingest::IngestPolicy::default(),
+                id,
+            )
+            .await?;
+            println!("record {id}: {}", serde_json::to_string(&out)?);
+        }
         Command::Terminal(cmd) => {
             desk_cli::terminal(&app(&config, open(&config, false).await?), cmd).await?
         }

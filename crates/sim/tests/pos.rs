@@ -67,7 +67,9 @@ conformance! {
                 }
             } else {
                 assert_eq!(shadow, i64::from(balance), "card {asn}: shadow against card");
-                assert!(anomalies.is_empty(), "card {asn}: {anomalies:?}");
+                // Two terminals may sell with one card at once, so records can arrive out of
+                // counter order: a gap is noted and resolved when the late one comes.
+                assert!(anomalies.iter().all(|a| a.kind == "missing_record" && a.resolved_at_ms.is_some()), "card {asn}: {anomalies:?}");
             }
         }
         assert!(app.check().await.unwrap().is_ok());

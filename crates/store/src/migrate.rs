@@ -57,6 +57,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "record_batches",
         sql: include_str!("../migrations/sqlite/0006_record_batches.sql"),
     },
+    Source {
+        version: 7,
+        name: "quarantine_release",
+        sql: include_str!("../migrations/sqlite/0007_quarantine_release.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -89,6 +94,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 6,
         name: "record_batches",
         sql: include_str!("../migrations/postgres/0006_record_batches.sql"),
+    },
+    Source {
+        version: 7,
+        name: "quarantine_release",
+        sql: include_str!("../migrations/postgres/0007_quarantine_release.sql"),
     },
 ];
 

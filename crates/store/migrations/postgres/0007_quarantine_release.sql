@@ -1,0 +1,3 @@
+-- A quarantined record an operator released (re-checked, and posted if it now passes).
+ALTER TABLE offline_records ADD COLUMN resolved_at BIGINT;
+ALTER TABLE offline_records ADD COLUMN resolution TEXT;
