@@ -331,7 +331,7 @@ struct SimPosArgs {
     #[arg(long, value_name = "IP:PORT")]
     posp: Option<std::net::SocketAddr>,
     /// The first terminal number (12 digits) of the population; another run needs others.
-    #[arg(long, default_value_t = 900_000_000_001)]
+    #[arg(long, default_value_t = 900_050_000_001)]
     first_terminal: u64,
     /// The first card ASN (20 digits) of the population.
     #[arg(long, default_value_t = 90_000_000_000_000_000_001)]

@@ -1071,7 +1071,7 @@ fn terminals_and_the_pos_simulator_from_the_command_line() {
         "--mode",
         "offline",
         "--first-terminal",
-        "900000000101",
+        "900050000101",
         "--first-asn",
         "90000000000000000101",
     ]);

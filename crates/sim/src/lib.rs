@@ -62,7 +62,7 @@ impl Default for PosSimConfig {
             lying_share: 0.0,
             torn_share: 0.0,
             load_fen: 20_000,
-            first_terminal: 900_000_000_001,
+            first_terminal: 900_050_000_001,
             first_asn: 90_000_000_000_000_000_001,
         }
     }
@@ -177,22 +177,38 @@ pub async fn setup(
     app::stock::initialise(app, &actor, &first, config.cards as u64)
         .await
         .map_err(err)?;
-    let csv = app::demo::cardholders_csv(
-        config.cards,
-        9_000_000_000 + config.first_asn as u64 % 1_000_000,
-        99,
-    );
+    // Cardholders first, then each issued its own card of the population's range (other
+    // initialised stock, a demo's spares, is left alone).
+    let first_number = 9_000_000_000 + config.first_asn as u64 % 1_000_000;
+    let csv = app::demo::cardholders_csv(config.cards, first_number, 99);
     app::cardholders::import_csv(
         app,
         &actor,
         csv.as_bytes(),
         app::cardholders::ImportOptions {
-            issue_cards: true,
+            issue_cards: false,
             progress: None,
         },
     )
     .await
     .map_err(err)?;
+    for i in 0..config.cards {
+        let holder =
+            app::cardholders::by_number(app, &actor, &(first_number + i as u64).to_string())
+                .await
+                .map_err(err)?;
+        app::cards::issue(
+            app,
+            &actor,
+            app::cards::IssueRequest {
+                cardholder_id: holder.id,
+                asn: Some(app::stock::format_asn(config.first_asn + i as u128)),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(err)?;
+    }
     let bank = match app.store().account_by_name("bank:simulator").await? {
         Some(a) => a.account.id,
         None => {
