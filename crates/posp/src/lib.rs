@@ -297,7 +297,15 @@ impl Posp {
                     answer.set(39, "03");
                     return Ok(Some(self.encode(&answer)?));
                 }
-                let Some(session) = self.session(&request).await? else {
+                // One registry read a message: the terminal found above gives the session.
+                let session = terminal.as_ref().and_then(|t| {
+                    self.sessions
+                        .lock()
+                        .expect("sessions")
+                        .get(&t.terminal_no)
+                        .cloned()
+                });
+                let Some(session) = session else {
                     answer.set(39, "77");
                     return Ok(Some(self.encode(&answer)?));
                 };
@@ -316,7 +324,7 @@ impl Posp {
                     answer.set(39, "A0");
                     return Ok(Some(self.encode_maced(&answer, &session)?));
                 }
-                let terminal_no = self.terminal_no(&request).await?.unwrap_or_default();
+                let terminal_no = terminal.map(|t| t.terminal_no).unwrap_or_default();
                 let batch = request
                     .text(60)
                     .and_then(|t| t.get(2..8))
@@ -392,13 +400,6 @@ impl Posp {
         };
         let t = app::terminals::by_f41(&self.app, f41.trim()).await?;
         Ok(t.map(|t| t.terminal_no))
-    }
-
-    async fn session(&self, m: &Message) -> anyhow::Result<Option<Arc<TerminalSession>>> {
-        let Some(t) = self.terminal_no(m).await? else {
-            return Ok(None);
-        };
-        Ok(self.sessions.lock().expect("sessions").get(&t).cloned())
     }
 
     async fn sign_in(
