@@ -324,19 +324,20 @@ async fn decide_and_write(
         )
         .await?;
     }
-    // Cards, with the last posted purchase counter of each: one query per 500 cards.
+    // Cards and their purse accounts: one query per 500 cards. Their last posted counters are
+    // read below, once the purse accounts are locked.
     let mut asns: Vec<String> = checked.iter().map(|c| c.record.asn.clone()).collect();
     asns.dedup();
     for chunk in asns.chunks(500) {
-        let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
-        let mut values: Vec<store::Value> = vec![i64::from(TX_EP_PURCHASE).into()];
-        values.extend(chunk.iter().map(|a| store::Value::from(a.clone())));
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let values: Vec<store::Value> = chunk
+            .iter()
+            .map(|a| store::Value::from(a.clone()))
+            .collect();
         for row in tx
             .query(
                 &format!(
-                    "SELECT c.asn, c.purse_account_id, (SELECT max(o.counter) FROM \
-                     offline_records o WHERE o.asn = c.asn AND o.tx_type = $1 AND o.status = 0) \
-                     FROM cards c WHERE c.asn IN ({})",
+                    "SELECT asn, purse_account_id FROM cards WHERE asn IN ({})",
                     placeholders.join(", ")
                 ),
                 &values,
@@ -348,7 +349,7 @@ async fn decide_and_write(
                 Some(CardState {
                     purse: AccountId::new(row.int(1)?)
                         .ok_or_else(|| anyhow::anyhow!("bad purse account id"))?,
-                    last_counter: row.opt_int(2)?.map(|l| l as u16),
+                    last_counter: None,
                 }),
             );
         }
@@ -389,8 +390,8 @@ async fn decide_and_write(
         }
     }
     // Under the locks (each card's purse account is locked by every batch that posts for
-    // it), read the last posted counters again: a batch that committed while we waited for a
-    // lock has moved them.
+    // it), the last posted counters: a batch that committed while we waited for a lock has
+    // moved them, so they are read only now.
     for chunk in asns.chunks(500) {
         let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
         let mut values: Vec<store::Value> = vec![i64::from(TX_EP_PURCHASE).into()];
