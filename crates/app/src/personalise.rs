@@ -4,7 +4,8 @@
 
 use anyhow::Context as _;
 use card::crypto::Pin;
-use card::purse::{Asn, IssuerData};
+use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
+use card::purse::{Asn, IssuerData, TerminalId};
 use card::soft_card::{CardKey, Personalisation, SoftCard, TacKey};
 
 use crate::security::{KeyKind, SecurityModule};
@@ -127,4 +128,40 @@ pub fn personalise_soft_card(
         record_capacity: RECORD_CAPACITY,
     };
     SoftCard::personalise(p).map_err(|e| anyhow::anyhow!("personalising the card: {e}"))
+}
+
+/// A software PSAM for terminal `terminal`, with serial `serial` (10 bytes, BCD), holding the
+/// module's newest purchase master key: what a key-loading station makes for a new POS.
+pub fn personalise_soft_psam(
+    module: &dyn SecurityModule,
+    terminal: TerminalId,
+    serial: [u8; 10],
+) -> anyhow::Result<SoftPsam> {
+    let version = module
+        .current_version(KeyKind::Purchase)
+        .context("no purchase master key: run the key ceremony")?;
+    SoftPsam::new(PsamProfile {
+        info: PsamInfo {
+            serial,
+            version: 1,
+            key_card_type: 0,
+            issuer_custom: [0, 0],
+        },
+        terminal_id: terminal,
+        app_data: PsamAppData {
+            purchase_key_index: KEY_INDEX,
+            issuer_id: *b"ONECARD1",
+            receiver_id: [0, 0, 0, 0, 0, 0, 0, 2],
+            start_date: [0x20, 0x26, 0x01, 0x01],
+            expiry_date: [0x20, 0x36, 0x12, 0x31],
+        },
+        app_fid: 0x1001,
+        app_name: card::terminal::PSAM_AID_DEFAULT.to_vec(),
+        purchase_keys: vec![PsamKey {
+            version,
+            master: module.psam_purchase_master(version)?,
+        }],
+        first_ttc: 1,
+    })
+    .map_err(|e| anyhow::anyhow!("making a PSAM: {e:?}"))
 }

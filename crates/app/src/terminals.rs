@@ -111,6 +111,16 @@ pub fn parse_terminal_no(s: &str) -> AppResult<String> {
     Ok(t.to_ascii_uppercase())
 }
 
+/// The 6-byte terminal id (as PSAMs put it in MACs and TACs) of a 12-hex-digit number.
+pub fn terminal_id(terminal_no: &str) -> AppResult<card::purse::TerminalId> {
+    let t = parse_terminal_no(terminal_no)?;
+    let bytes: Vec<u8> = (0..12)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&t[i..i + 2], 16).expect("checked hex"))
+        .collect();
+    Ok(card::purse::TerminalId::from_slice(&bytes).expect("6 bytes"))
+}
+
 fn check_psam(s: &str) -> AppResult<Option<String>> {
     let t = s.trim();
     if t.is_empty() {

@@ -5,19 +5,17 @@
 #[path = "../../card/tests/common/mod.rs"]
 mod common;
 
-use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card};
+use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card, personalise_soft_psam};
 use app::security::{
     Kek, KeyKind, LoadAuthorisation, LoadTacInput, PurchaseTacInput, SecurityModule,
     SoftwareSecurityModule,
 };
 use card::commands::{self, LoadInitResponse};
 use card::crypto::{Mac4, PurseAlgorithm};
-use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
+use card::psam::SoftPsam;
 use card::purse::Asn;
 use card::soft_card::SoftCard;
-use common::{
-    PSAM_AID, PSAM_FID, PurchaseEnd, arr, purchase, rng, select_and_read_asn, send, terminal, when,
-};
+use common::{PurchaseEnd, arr, purchase, rng, select_and_read_asn, send, terminal, when};
 use ledger::Timestamp;
 use store::{DatabaseUrl, Store, StoreOptions};
 
@@ -44,31 +42,7 @@ fn profile() -> CardProfile {
 }
 
 fn psam_from(module: &SoftwareSecurityModule) -> SoftPsam {
-    let version = module.current_version(KeyKind::Purchase).unwrap();
-    SoftPsam::new(PsamProfile {
-        info: PsamInfo {
-            serial: arr("00000000000000000099"),
-            version: 1,
-            key_card_type: 0,
-            issuer_custom: [0, 0],
-        },
-        terminal_id: terminal(),
-        app_data: PsamAppData {
-            purchase_key_index: KEY_INDEX,
-            issuer_id: *b"ONECARD1",
-            receiver_id: arr("0000000000000002"),
-            start_date: arr("20260101"),
-            expiry_date: arr("20361231"),
-        },
-        app_fid: PSAM_FID,
-        app_name: PSAM_AID.to_vec(),
-        purchase_keys: vec![PsamKey {
-            version,
-            master: module.psam_purchase_master(version).unwrap(),
-        }],
-        first_ttc: 1,
-    })
-    .unwrap()
+    personalise_soft_psam(module, terminal(), arr("00000000000000000099")).unwrap()
 }
 
 /// A load through APDUs with the module as the host; returns the TAC check's result.

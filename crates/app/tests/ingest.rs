@@ -13,46 +13,22 @@ use std::sync::Arc;
 use app::cardholders::{self, CardholderKind, NewCardholder};
 use app::cards::{self, IssueRequest};
 use app::ingest::{self, IngestOutcome, IngestPolicy, OfflineRecord};
-use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card};
-use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+use app::personalise::{CardProfile, personalise_soft_card, personalise_soft_psam};
+use app::security::{Kek, SoftwareSecurityModule};
 use app::terminals::{self, NewTerminal, TerminalKind, TerminalPatch};
 use app::{Actor, App, ManualClock, stock};
 use card::crypto::PurseAlgorithm;
-use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
+use card::psam::SoftPsam;
 use card::purse::Asn;
 use card::soft_card::SoftCard;
-use common::{PSAM_AID, PSAM_FID, PurchaseEnd, PurchaseRecord, arr, purchase, rng, terminal, when};
+use common::{PurchaseEnd, PurchaseRecord, arr, purchase, rng, terminal, when};
 use ledger::{AccountKind, Timestamp};
 
 const KEK: &str = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
 const ASN: &str = "10000000000000000001";
 
 fn psam_from(module: &SoftwareSecurityModule) -> SoftPsam {
-    let version = module.current_version(KeyKind::Purchase).unwrap();
-    SoftPsam::new(PsamProfile {
-        info: PsamInfo {
-            serial: arr("00000000000000000099"),
-            version: 1,
-            key_card_type: 0,
-            issuer_custom: [0, 0],
-        },
-        terminal_id: terminal(),
-        app_data: PsamAppData {
-            purchase_key_index: KEY_INDEX,
-            issuer_id: *b"ONECARD1",
-            receiver_id: arr("0000000000000002"),
-            start_date: arr("20260101"),
-            expiry_date: arr("20361231"),
-        },
-        app_fid: PSAM_FID,
-        app_name: PSAM_AID.to_vec(),
-        purchase_keys: vec![PsamKey {
-            version,
-            master: module.psam_purchase_master(version).unwrap(),
-        }],
-        first_ttc: 1,
-    })
-    .unwrap()
+    personalise_soft_psam(module, terminal(), arr("00000000000000000099")).unwrap()
 }
 
 fn upload(r: &PurchaseRecord) -> OfflineRecord {

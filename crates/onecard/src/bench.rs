@@ -853,12 +853,8 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
             answer.text(39)
         );
         let f62 = answer.get(62).unwrap_or_default().to_vec();
-        let mut digits = [0u8; 6];
-        let text = format!("{:012}", t + 1);
-        for (i, d) in digits.iter_mut().enumerate() {
-            *d = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)?;
-        }
-        let id = card::purse::TerminalId::new(digits);
+        let id = app::terminals::terminal_id(&format!("{:012}", t + 1))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let tmk = module.terminal_master(
             module
                 .current_version(KeyKind::TerminalMaster)

@@ -433,13 +433,7 @@ impl Posp {
         }
         let t = terminal.expect("checked");
         let number = t.terminal_no.clone();
-        let id = card::purse::TerminalId::from_slice(
-            &(0..12)
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&number[i..i + 2], 16).unwrap_or(0))
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let id = app::terminals::terminal_id(&number).map_err(|e| anyhow::anyhow!("{e}"))?;
         let version = self
             .module
             .current_version(KeyKind::TerminalMaster)

@@ -10,13 +10,12 @@ mod harness;
 use std::sync::Arc;
 
 use app::ingest::OfflineRecord;
-use app::personalise::{CardProfile, KEY_INDEX, personalise_soft_card};
+use app::personalise::{CardProfile, personalise_soft_card, personalise_soft_psam};
 use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
 use app::{Actor, App, ManualClock};
 use card::crypto::{DesKey, PurseAlgorithm, cups_ecb_mac};
-use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
 use card::purse::Asn;
-use common::{PSAM_AID, PSAM_FID, PurchaseEnd, arr, purchase, rng, terminal, when};
+use common::{PurchaseEnd, arr, purchase, rng, terminal, when};
 use iso8583::{Message, Profile, frame};
 use ledger::{AccountKind, Timestamp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,15 +108,7 @@ conformance! {
         let profile = CardProfile { issuer_id: *b"ONECARD1", start_date: "20260901".into(), expiry_date: "20300831".into(), balance_max_fen: 100_000, pin: "123456".into() };
         let mut card = personalise_soft_card(m.as_ref(), Asn::parse_digits(ASN).unwrap(), &profile).unwrap();
         card.tamper_balance(10_000);
-        let v = m.current_version(KeyKind::Purchase).unwrap();
-        let mut psam = SoftPsam::new(PsamProfile {
-            info: PsamInfo { serial: arr(PSAM), version: 1, key_card_type: 0, issuer_custom: [0, 0] },
-            terminal_id: terminal(),
-            app_data: PsamAppData { purchase_key_index: KEY_INDEX, issuer_id: *b"ONECARD1", receiver_id: arr("0000000000000002"), start_date: arr("20260101"), expiry_date: arr("20361231") },
-            app_fid: PSAM_FID, app_name: PSAM_AID.to_vec(),
-            purchase_keys: vec![PsamKey { version: v, master: m.psam_purchase_master(v).unwrap() }],
-            first_ttc: 1,
-        }).unwrap();
+        let mut psam = personalise_soft_psam(m.as_ref(), terminal(), arr(PSAM)).unwrap();
         let PurchaseEnd::Done(r) = purchase(&mut card, &mut psam, &mut rng(9), 1_250, &when("20261128120000")) else { panic!() };
         let record = OfflineRecord {
             asn: ASN.into(), counter: r.offline_counter, tx_type: 6, terminal_no: "000000000001".into(),

@@ -21,11 +21,11 @@ use app::security::{KeyKind, LoadAuthorisation, SecurityModule};
 use app::{Actor, App};
 use card::commands::{self, LoadInitResponse};
 use card::crypto::{DesKey, cups_ecb_mac};
-use card::psam::{PsamAppData, PsamInfo, PsamKey, PsamProfile, SoftPsam};
+use card::psam::SoftPsam;
 use card::purse::{Asn, TerminalId, TxDateTime};
 use card::random::SeededRandom;
 use card::soft_card::{SoftCard, TearPoint};
-use card::terminal::{PSAM_AID_DEFAULT, PurchaseEnd, purchase};
+use card::terminal::{PurchaseEnd, purchase};
 use iso8583::{Message, Profile, frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -91,12 +91,8 @@ impl std::fmt::Debug for Population {
     }
 }
 
-fn terminal_id(number: &str) -> TerminalId {
-    let bytes: Vec<u8> = (0..12)
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&number[i..i + 2], 16).unwrap_or(0))
-        .collect();
-    TerminalId::from_slice(&bytes).expect("6 bytes")
+fn terminal_id(number: &str) -> anyhow::Result<TerminalId> {
+    app::terminals::terminal_id(number).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `YYYYMMDDhhmmss` (UTC) of `ms`.
@@ -120,9 +116,6 @@ pub async fn setup(
 ) -> anyhow::Result<Population> {
     let actor = Actor::cli();
     let err = |e: app::AppError| anyhow::anyhow!("{e}");
-    let purchase_version = module
-        .current_version(KeyKind::Purchase)
-        .ok_or_else(|| anyhow::anyhow!("no purchase master key: run the key ceremony"))?;
     let mut terminals = Vec::new();
     for t in 0..config.terminals as u64 {
         let number = format!("{:012}", config.first_terminal + t);
@@ -143,30 +136,11 @@ pub async fn setup(
         let serial: [u8; 10] = Asn::parse_digits(&psam_serial)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
             .to_bytes();
-        let psam = SoftPsam::new(PsamProfile {
-            info: PsamInfo {
-                serial,
-                version: 1,
-                key_card_type: 0,
-                issuer_custom: [0, 0],
-            },
-            terminal_id: terminal_id(&number),
-            app_data: PsamAppData {
-                purchase_key_index: app::personalise::KEY_INDEX,
-                issuer_id: *b"ONECARD1",
-                receiver_id: [0, 0, 0, 0, 0, 0, 0, 2],
-                start_date: [0x20, 0x26, 0x01, 0x01],
-                expiry_date: [0x20, 0x36, 0x12, 0x31],
-            },
-            app_fid: 0x1001,
-            app_name: PSAM_AID_DEFAULT.to_vec(),
-            purchase_keys: vec![PsamKey {
-                version: purchase_version,
-                master: module.psam_purchase_master(purchase_version)?,
-            }],
-            first_ttc: 1,
-        })
-        .map_err(|e| anyhow::anyhow!("making a PSAM: {e:?}"))?;
+        let psam = app::personalise::personalise_soft_psam(
+            module.as_ref(),
+            terminal_id(&number)?,
+            serial,
+        )?;
         terminals.push((number, psam));
     }
     // Cards: stock, cardholders with a card each, personalised, loaded.
@@ -226,7 +200,7 @@ pub async fn setup(
         pin: "123456".into(),
     };
     let mut rng = SeededRandom::new(7);
-    let kiosk = terminal_id(&format!("{:012}", config.first_terminal));
+    let kiosk = terminal_id(&format!("{:012}", config.first_terminal))?;
     let mut cards = Vec::new();
     for i in 0..config.cards {
         let asn_text = app::stock::format_asn(config.first_asn + i as u128);
@@ -486,7 +460,7 @@ async fn terminal_loop(
         .expect("signed in");
     let tmk = population
         .module
-        .terminal_master(version, &terminal_id(&number))?;
+        .terminal_master(version, &terminal_id(&number)?)?;
     let mak = tmk.unwrap_des_key(f62[20..28].try_into()?);
     anyhow::ensure!(
         mak.check_value() == f62[36..40],
