@@ -423,25 +423,12 @@ pub async fn issue(app: &App, actor: &Actor, req: IssueRequest) -> AppResult<Car
                 )
                 .await?;
                 if deposit_fen > 0 {
-                    let cash =
-                        crate::named_account(tx, AccountKind::Cash, system_account::CASH_DESK, now)
-                            .await?;
-                    let deposits = crate::named_account(
+                    take_cash(
                         tx,
                         AccountKind::CardDeposit,
                         system_account::CARD_DEPOSITS,
-                        now,
-                    )
-                    .await?;
-                    crate::post_all(
-                        tx,
-                        &[crate::single(
-                            crate::new_transfer_id(now),
-                            cash,
-                            deposits,
-                            deposit_fen,
-                            code::DEPOSIT,
-                        )],
+                        deposit_fen,
+                        code::DEPOSIT,
                         now,
                     )
                     .await?;
@@ -464,6 +451,21 @@ pub async fn issue(app: &App, actor: &Actor, req: IssueRequest) -> AppResult<Car
             })
         })
         .await
+}
+
+/// Cash taken at the desk: `cash:card-desk` → the named system account.
+async fn take_cash(
+    tx: &mut Tx<'_>,
+    kind: AccountKind,
+    name: &str,
+    amount_fen: i64,
+    code: u16,
+    now: Timestamp,
+) -> AppResult<()> {
+    let cash = crate::named_account(tx, AccountKind::Cash, system_account::CASH_DESK, now).await?;
+    let to = crate::named_account(tx, kind, name, now).await?;
+    let transfer = crate::single(crate::new_transfer_id(now), cash, to, amount_fen, code);
+    crate::post_all(tx, &[transfer], now).await
 }
 
 async fn live_card(tx: &mut Tx<'_>, cardholder_id: i64) -> anyhow::Result<Option<Card>> {
@@ -726,25 +728,12 @@ pub async fn replace(
                 .await?;
                 let mut money = vec![("deposit_carried".to_owned(), old.deposit_fen)];
                 if fee_fen > 0 {
-                    let cash =
-                        crate::named_account(tx, AccountKind::Cash, system_account::CASH_DESK, now)
-                            .await?;
-                    let fees = crate::named_account(
+                    take_cash(
                         tx,
                         AccountKind::FeeIncome,
                         system_account::FEE_INCOME,
-                        now,
-                    )
-                    .await?;
-                    crate::post_all(
-                        tx,
-                        &[crate::single(
-                            crate::new_transfer_id(now),
-                            cash,
-                            fees,
-                            fee_fen,
-                            code::CARD_FEE,
-                        )],
+                        fee_fen,
+                        code::CARD_FEE,
                         now,
                     )
                     .await?;
