@@ -154,29 +154,14 @@ pub async fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
     let sqlite = matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All);
     let postgres = matches!(args.backend, BackendChoice::Postgres | BackendChoice::All);
     if sqlite {
-        let dir = tempfile::tempdir()?;
-        let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
-        let store = Store::open(&url, StoreOptions::default()).await?;
-        store_scenarios(&store, &args, "sqlite").await?;
+        let db = BenchDb::open(false, &args.pg_url, "").await?;
+        store_scenarios(&db.store, &args, "sqlite").await?;
+        db.finish().await?;
     }
     if postgres {
-        let server_text = args
-            .pg_url
-            .clone()
-            .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
-            .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
-            .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
-        let server = DatabaseUrl::parse(&server_text)?;
-        let name = format!("onecard_bench_{}", std::process::id());
-        let url = store::create_scratch_database(&server, &name).await.map_err(|e| {
-            e.context(format!(
-                "PostgreSQL at {server} is needed for the postgres figures (--backend sqlite skips them)"
-            ))
-        })?;
-        let store = Store::open(&url, StoreOptions::default()).await?;
-        let result = store_scenarios(&store, &args, "postgres").await;
-        drop(store);
-        store::drop_scratch_database(&server, &name).await?;
+        let db = BenchDb::open(true, &args.pg_url, "").await?;
+        let result = store_scenarios(&db.store, &args, "postgres").await;
+        db.finish().await?;
         result?;
     }
     Ok(())
@@ -411,25 +396,8 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         }
         let mut seconds = Vec::new();
         for run in 0..args.runs {
-            let dir = tempfile::tempdir()?;
-            let (store, scratch) = if backend == "sqlite" {
-                let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
-                (Store::open(&url, StoreOptions::default()).await?, None)
-            } else {
-                let server_text = args
-                    .pg_url
-                    .clone()
-                    .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
-                    .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
-                    .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
-                let server = DatabaseUrl::parse(&server_text)?;
-                let name = format!("onecard_bench_{}_{run}", std::process::id());
-                let url = store::create_scratch_database(&server, &name).await?;
-                (
-                    Store::open(&url, StoreOptions::default()).await?,
-                    Some((server, name)),
-                )
-            };
+            let db = BenchDb::open(backend == "postgres", &args.pg_url, &format!("_{run}")).await?;
+            let store = db.store.clone();
             let app = app::App::new(store.clone(), std::sync::Arc::new(app::SystemClock));
             let actor = app::Actor::cli();
             let first = "10000000000000000001";
@@ -456,9 +424,7 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
             let check = store.check().await?;
             anyhow::ensure!(check.is_ok(), "db-check failed after the import: {check}");
             drop((app, store));
-            if let Some((server, name)) = scratch {
-                store::drop_scratch_database(&server, &name).await?;
-            }
+            db.finish().await?;
         }
         let runs: Vec<String> = seconds.iter().map(|s| format!("{s:.2}")).collect();
         let m = median(seconds);
@@ -527,25 +493,8 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         }
         let mut per_s = Vec::new();
         for run in 0..args.runs {
-            let dir = tempfile::tempdir()?;
-            let (store, scratch) = if backend == "sqlite" {
-                let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
-                (Store::open(&url, StoreOptions::default()).await?, None)
-            } else {
-                let server_text = args
-                    .pg_url
-                    .clone()
-                    .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
-                    .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
-                    .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
-                let server = DatabaseUrl::parse(&server_text)?;
-                let name = format!("onecard_bench_{}_{run}", std::process::id());
-                let url = store::create_scratch_database(&server, &name).await?;
-                (
-                    Store::open(&url, StoreOptions::default()).await?,
-                    Some((server, name)),
-                )
-            };
+            let db = BenchDb::open(backend == "postgres", &args.pg_url, &format!("_{run}")).await?;
+            let store = db.store.clone();
             let app = app::App::new(store.clone(), std::sync::Arc::new(app::SystemClock));
             let actor = app::Actor::cli();
             let kek = Kek::from_hex(&Kek::generate_hex()?, "bench")?;
@@ -697,9 +646,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             let check = store.check().await?;
             anyhow::ensure!(check.is_ok(), "db-check failed after the ingest: {check}");
             drop((app, store, module));
-            if let Some((server, name)) = scratch {
-                store::drop_scratch_database(&server, &name).await?;
-            }
+            db.finish().await?;
         }
         row(backend, "offline records, TAC-verified, posted", per_s);
     }
@@ -744,30 +691,13 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         println!("warning: this is a debug build; figures are meaningless (use --release)");
     }
-    let dir = tempfile::tempdir()?;
-    let mut scratch = None;
-    let store = match args.backend {
-        BackendChoice::Postgres => {
-            let server_text = args
-                .pg_url
-                .clone()
-                .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
-                .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
-                .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
-            let server = DatabaseUrl::parse(&server_text)?;
-            let name = format!("onecard_bench_{}", std::process::id());
-            let url = store::create_scratch_database(&server, &name).await?;
-            scratch = Some((server, name));
-            Store::open(&url, StoreOptions::default()).await?
-        }
-        _ => {
-            Store::open(
-                &DatabaseUrl::Sqlite(dir.path().join("bench.db")),
-                StoreOptions::default(),
-            )
-            .await?
-        }
-    };
+    let db = BenchDb::open(
+        matches!(args.backend, BackendChoice::Postgres),
+        &args.pg_url,
+        "",
+    )
+    .await?;
+    let store = db.store.clone();
     println!(
         "onecard bench posp on {}: {} terminals, {} cards",
         store.backend_name(),
@@ -989,9 +919,7 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
     server.await??;
     anyhow::ensure!(store.check().await?.is_ok(), "db-check failed");
     drop((app, store, module));
-    if let Some((server, name)) = scratch {
-        store::drop_scratch_database(&server, &name).await?;
-    }
+    db.finish().await?;
     Ok(())
 }
 
@@ -1020,5 +948,61 @@ async fn bench_exchange(
         let n = s.read(&mut chunk).await?;
         anyhow::ensure!(n > 0, "the front end closed the connection");
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The database of one benchmark run: a temporary SQLite file, or a scratch database on a
+/// PostgreSQL server (`--pg-url`, else ONECARD_BENCH_PG_URL, ONECARD_TEST_PG_URL, the local
+/// server), dropped by [`BenchDb::finish`].
+struct BenchDb {
+    store: Store,
+    _dir: tempfile::TempDir,
+    scratch: Option<(DatabaseUrl, String)>,
+}
+
+impl BenchDb {
+    async fn open(postgres: bool, pg_url: &Option<String>, tag: &str) -> anyhow::Result<BenchDb> {
+        let dir = tempfile::tempdir()?;
+        if !postgres {
+            let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
+            let store = Store::open(&url, StoreOptions::default()).await?;
+            return Ok(BenchDb {
+                store,
+                _dir: dir,
+                scratch: None,
+            });
+        }
+        let server_text = pg_url
+            .clone()
+            .or_else(|| std::env::var("ONECARD_BENCH_PG_URL").ok())
+            .or_else(|| std::env::var("ONECARD_TEST_PG_URL").ok())
+            .unwrap_or_else(|| PG_SERVER_DEFAULT.to_owned());
+        let server = DatabaseUrl::parse(&server_text)?;
+        let name = format!("onecard_bench_{}{tag}", std::process::id());
+        let url = store::create_scratch_database(&server, &name).await.map_err(|e| {
+            e.context(format!(
+                "PostgreSQL at {server} is needed for the postgres figures (--backend sqlite skips them)"
+            ))
+        })?;
+        let store = Store::open(&url, StoreOptions::default()).await?;
+        Ok(BenchDb {
+            store,
+            _dir: dir,
+            scratch: Some((server, name)),
+        })
+    }
+
+    /// Closes the store and drops a scratch database.
+    async fn finish(self) -> anyhow::Result<()> {
+        let BenchDb {
+            store,
+            _dir,
+            scratch,
+        } = self;
+        drop(store);
+        if let Some((server, name)) = scratch {
+            store::drop_scratch_database(&server, &name).await?;
+        }
+        Ok(())
     }
 }
