@@ -324,6 +324,7 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
                 merchant_account_id: Some(merchants[merchant].get()),
                 location: place.to_owned(),
                 psam_serial: Some(format!("{:020}", 99 + i)),
+                gateway_no: None,
             },
         )
         .await?;
@@ -337,6 +338,7 @@ pub async fn seed(app: &App, cardholders: usize) -> anyhow::Result<DemoSummary> 
             merchant_account_id: None,
             location: "图书馆 自助圈存机".into(),
             psam_serial: None,
+            gateway_no: None,
         },
     )
     .await?;

@@ -233,6 +233,16 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
         terminal: &TerminalId,
     ) -> anyhow::Result<(Vec<u8>, TerminalSession)>;
 
+    /// The working MAC key of a terminal's `session`, wrapped under the TMK of the commerce
+    /// gateway it is behind (8 bytes), then its check value (4 bytes): what the gateway needs
+    /// to check and make that terminal's MACs (docs/protocol.md, sign-in through a gateway).
+    fn delegate_session(
+        &self,
+        version: u8,
+        gateway: &TerminalId,
+        session: &TerminalSession,
+    ) -> anyhow::Result<[u8; 12]>;
+
     /// Kinds, versions and check values: never keys.
     fn list(&self) -> Vec<KeyInfo>;
 }
@@ -250,6 +260,12 @@ impl fmt::Debug for TerminalSession {
 }
 
 impl TerminalSession {
+    /// A session with a MAC key received from the centre (a commerce gateway's copy of the
+    /// key of a terminal behind it).
+    pub fn from_key(mak: DesKey) -> TerminalSession {
+        TerminalSession { mak }
+    }
+
     /// The MAC of `data` with the session's MAK, by the algorithm the profile names.
     pub fn mac(&self, algorithm: iso8583::MacAlgorithm, data: &[u8]) -> anyhow::Result<[u8; 8]> {
         match algorithm {
@@ -596,6 +612,19 @@ impl SecurityModule for SoftwareSecurityModule {
         f62.extend_from_slice(&[0u8; 8]);
         f62.extend_from_slice(&mak.check_value());
         Ok((f62, TerminalSession { mak }))
+    }
+
+    fn delegate_session(
+        &self,
+        version: u8,
+        gateway: &TerminalId,
+        session: &TerminalSession,
+    ) -> anyhow::Result<[u8; 12]> {
+        let tmk = self.terminal_master(version, gateway)?;
+        let mut out = [0u8; 12];
+        out[..8].copy_from_slice(&tmk.wrap_des_key(&session.mak));
+        out[8..].copy_from_slice(&session.mak.check_value());
+        Ok(out)
     }
 
     fn list(&self) -> Vec<KeyInfo> {

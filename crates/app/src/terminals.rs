@@ -74,6 +74,8 @@ pub struct Terminal {
     pub signed_in_at_ms: Option<i64>,
     /// The blacklist version the terminal last reported holding.
     pub blacklist_version: i64,
+    /// The commerce gateway this terminal is behind (it speaks for the terminal), if any.
+    pub gateway_no: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -87,6 +89,9 @@ pub struct NewTerminal {
     pub merchant_account_id: Option<i64>,
     pub location: String,
     pub psam_serial: Option<String>,
+    /// The commerce gateway (a registered terminal of kind gateway) it is behind.
+    #[serde(default)]
+    pub gateway_no: Option<String>,
 }
 
 /// Changes to a terminal; `None` leaves a field as it is.
@@ -97,6 +102,8 @@ pub struct TerminalPatch {
     pub location: Option<String>,
     /// Binds another PSAM; an empty text unbinds.
     pub psam_serial: Option<String>,
+    /// Puts it behind another gateway; an empty text connects it directly.
+    pub gateway_no: Option<String>,
 }
 
 /// Checks a terminal number: 12 hex digits (6 bytes), returned upper case.
@@ -136,7 +143,7 @@ fn check_psam(s: &str) -> AppResult<Option<String>> {
 }
 
 const COLUMNS: &str = "id, terminal_no, kind, merchant_account_id, location, psam_serial, enabled, \
-                       last_seen_at, signed_in_at, blacklist_version, created_at, updated_at";
+                       last_seen_at, signed_in_at, blacklist_version, created_at, updated_at, gateway_no";
 
 fn from_row(r: &store::Row) -> anyhow::Result<Terminal> {
     Ok(Terminal {
@@ -152,6 +159,7 @@ fn from_row(r: &store::Row) -> anyhow::Result<Terminal> {
         blacklist_version: r.int(9)?,
         created_at_ms: r.int(10)?,
         updated_at_ms: r.int(11)?,
+        gateway_no: r.opt_text(12)?,
     })
 }
 
@@ -167,6 +175,25 @@ async fn check_merchant(tx: &mut Tx<'_>, id: i64) -> AppResult<AccountId> {
         ));
     }
     AccountId::new(id).ok_or_else(|| AppError::invalid("invalid_account", "bad account id"))
+}
+
+/// Checks that `gateway_no` names a registered gateway (not `terminal_no` itself).
+async fn check_gateway(tx: &mut Tx<'_>, terminal_no: &str, gateway_no: &str) -> AppResult<String> {
+    let g = parse_terminal_no(gateway_no)?;
+    let row = tx
+        .query_opt(
+            "SELECT kind FROM terminals WHERE terminal_no = $1",
+            params![g.clone()],
+        )
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("gateway {g} is not registered")))?;
+    if row.int(0)? != TerminalKind::Gateway.code() || g == terminal_no {
+        return Err(AppError::invalid(
+            "not_a_gateway",
+            format!("terminal {g} is not a commerce gateway: register it with kind gateway"),
+        ));
+    }
+    Ok(g)
 }
 
 /// Registers a terminal.
@@ -194,6 +221,16 @@ pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<T
             Box::pin(async move {
                 if let Some(m) = new.merchant_account_id {
                     check_merchant(tx, m).await?;
+                }
+                let gateway = match new.gateway_no.as_deref().map(str::trim) {
+                    Some(g) if !g.is_empty() => Some(check_gateway(tx, &terminal_no, g).await?),
+                    _ => None,
+                };
+                if new.kind == TerminalKind::Gateway && gateway.is_some() {
+                    return Err(AppError::invalid(
+                        "not_a_gateway",
+                        "a gateway connects to the centre directly, not behind another gateway",
+                    ));
                 }
                 if tx
                     .query_opt(
@@ -229,15 +266,16 @@ pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<T
                 let id = tx
                     .query_one(
                         "INSERT INTO terminals (terminal_no, kind, merchant_account_id, location, \
-                         psam_serial, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
-                         RETURNING id",
+                         psam_serial, created_at, updated_at, gateway_no) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $6, $7) RETURNING id",
                         params![
                             terminal_no.clone(),
                             new.kind.code(),
                             new.merchant_account_id,
                             location.clone(),
                             psam.clone(),
-                            now.0
+                            now.0,
+                            gateway.clone()
                         ],
                     )
                     .await?
@@ -253,6 +291,7 @@ pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<T
                         "merchant_account_id": new.merchant_account_id,
                         "location": location,
                         "psam_serial": psam,
+                        "gateway_no": gateway,
                     })
                     .to_string(),
                 )
@@ -314,19 +353,32 @@ pub async fn update(
                 if let Some(p) = psam {
                     new.psam_serial = p;
                 }
+                if let Some(g) = patch.gateway_no.as_deref().map(str::trim) {
+                    new.gateway_no = if g.is_empty() {
+                        None
+                    } else if old.kind == TerminalKind::Gateway {
+                        return Err(AppError::invalid(
+                            "not_a_gateway",
+                            "a gateway connects to the centre directly, not behind another gateway",
+                        ));
+                    } else {
+                        Some(check_gateway(tx, &old.terminal_no, g).await?)
+                    };
+                }
                 if new == old {
                     return Ok(old);
                 }
                 tx.execute(
                     "UPDATE terminals SET enabled = $1, merchant_account_id = $2, location = $3, \
-                     psam_serial = $4, updated_at = $5 WHERE id = $6",
+                     psam_serial = $4, updated_at = $5, gateway_no = $7 WHERE id = $6",
                     params![
                         new.enabled,
                         new.merchant_account_id,
                         new.location.clone(),
                         new.psam_serial.clone(),
                         now.0,
-                        id
+                        id,
+                        new.gateway_no.clone()
                     ],
                 )
                 .await?;
@@ -337,8 +389,8 @@ pub async fn update(
                     "terminal.update",
                     &format!("terminal:{}", old.terminal_no),
                     &serde_json::json!({
-                        "before": { "enabled": old.enabled, "merchant_account_id": old.merchant_account_id, "location": old.location, "psam_serial": old.psam_serial },
-                        "after": { "enabled": new.enabled, "merchant_account_id": new.merchant_account_id, "location": new.location, "psam_serial": new.psam_serial },
+                        "before": { "enabled": old.enabled, "merchant_account_id": old.merchant_account_id, "location": old.location, "psam_serial": old.psam_serial, "gateway_no": old.gateway_no },
+                        "after": { "enabled": new.enabled, "merchant_account_id": new.merchant_account_id, "location": new.location, "psam_serial": new.psam_serial, "gateway_no": new.gateway_no },
                     })
                     .to_string(),
                 )
@@ -498,4 +550,33 @@ pub async fn batch_totals(app: &App, terminal_no: &str, batch: &str) -> anyhow::
         Some(r) => Ok((r.int(0)?, r.int(1)?)),
         None => Ok((0, 0)),
     }
+}
+
+/// Records in the audit log that a terminal's TMK left the security module (towards the
+/// terminal or gateway being installed).
+pub async fn record_tmk_export(
+    app: &App,
+    actor: &Actor,
+    terminal_no: &str,
+    version: u8,
+) -> AppResult<()> {
+    actor.require(Permission::TerminalsManage)?;
+    let now = app.now();
+    let (actor, terminal_no) = (actor.clone(), terminal_no.to_owned());
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                audit::append(
+                    tx,
+                    &actor,
+                    now.0,
+                    "terminal.tmk_exported",
+                    &format!("terminal:{terminal_no}"),
+                    &serde_json::json!({ "key_version": version }).to_string(),
+                )
+                .await?;
+                Ok::<_, AppError>(())
+            })
+        })
+        .await
 }

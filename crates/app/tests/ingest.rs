@@ -67,14 +67,14 @@ conformance! {
         let canteen = app.create_account(AccountKind::MerchantPayable, Some("merchant:canteen-1")).await.unwrap().account.id;
         let t = terminals::register(&app, &cli, NewTerminal {
             terminal_no: "000000000001".into(), kind: TerminalKind::Pos, merchant_account_id: Some(canteen.get()),
-            location: "canteen 1, window 3".into(), psam_serial: Some("00000000000000000099".into()),
+            location: "canteen 1, window 3".into(), psam_serial: Some("00000000000000000099".into()), gateway_no: None,
         }).await.unwrap();
         assert_eq!(terminals::register(&app, &cli, NewTerminal {
             terminal_no: "000000000001".into(), kind: TerminalKind::Pos, merchant_account_id: Some(canteen.get()),
-            location: "x".into(), psam_serial: None,
+            location: "x".into(), psam_serial: None, gateway_no: None,
         }).await.unwrap_err().code(), "terminal_exists");
         assert_eq!(terminals::register(&app, &cli, NewTerminal {
-            terminal_no: "12345".into(), kind: TerminalKind::Kiosk, merchant_account_id: None, location: "x".into(), psam_serial: None,
+            terminal_no: "12345".into(), kind: TerminalKind::Kiosk, merchant_account_id: None, location: "x".into(), psam_serial: None, gateway_no: None,
         }).await.unwrap_err().code(), "invalid_terminal_no");
 
         // A card issued at the desk and personalised with the same ASN; 100.00 loaded.

@@ -540,6 +540,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                     merchant_account_id: Some(merchant.get()),
                     location: "bench".into(),
                     psam_serial: None,
+                    gateway_no: None,
                 },
             )
             .await?;
@@ -739,6 +740,7 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
                 merchant_account_id: Some(merchant.get()),
                 location: "canteen".into(),
                 psam_serial: Some(format!("{:020}", t + 1)),
+                gateway_no: None,
             },
         )
         .await?;

@@ -817,6 +817,9 @@ pub enum TerminalCommand {
         location: String,
         #[arg(long)]
         psam: Option<String>,
+        /// The commerce gateway (12 hex digits) it sells through, if any.
+        #[arg(long)]
+        gateway: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -830,7 +833,8 @@ pub enum TerminalCommand {
     Disable {
         id: i64,
     },
-    /// Bind another PSAM (an empty value unbinds), move to another merchant or place.
+    /// Bind another PSAM (an empty value unbinds), move to another merchant, place or
+    /// gateway (an empty value connects it directly).
     Update {
         id: i64,
         #[arg(long)]
@@ -839,6 +843,8 @@ pub enum TerminalCommand {
         location: Option<String>,
         #[arg(long)]
         psam: Option<String>,
+        #[arg(long)]
+        gateway: Option<String>,
     },
     /// Offline records kept out of the ledger, with their reasons.
     Quarantine {
@@ -852,6 +858,13 @@ pub enum TerminalCommand {
     Release {
         id: i64,
     },
+    /// Write a terminal's master key (TMK) to a new file, to load into the terminal or
+    /// gateway at installation (needs the KEK; audited). The file gets mode 0600.
+    Tmk {
+        terminal_no: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// A card's purse anomalies (missing records, balance mismatches).
     Anomalies {
         asn: String,
@@ -862,13 +875,14 @@ pub enum TerminalCommand {
 
 fn terminal_line(t: &app::terminals::Terminal) -> String {
     format!(
-        "{:>4}  {}  {:<8} merchant {:<6} {:<9} psam {:<20} last seen {}  {}",
+        "{:>4}  {}  {:<8} merchant {:<6} {:<9} psam {:<20} via {:<12} last seen {}  {}",
         t.id,
         t.terminal_no,
         t.kind.name(),
         t.merchant_account_id.map_or("-".into(), |m| m.to_string()),
         if t.enabled { "enabled" } else { "DISABLED" },
         t.psam_serial.as_deref().unwrap_or("-"),
+        t.gateway_no.as_deref().unwrap_or("-"),
         t.last_seen_at_ms.map_or("never".into(), |m| m.to_string()),
         t.location
     )
@@ -884,6 +898,7 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
             merchant,
             location,
             psam,
+            gateway,
             json,
         } => {
             let t = terminals::register(
@@ -895,6 +910,7 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
                     merchant_account_id: merchant,
                     location,
                     psam_serial: psam,
+                    gateway_no: gateway,
                 },
             )
             .await?;
@@ -922,12 +938,14 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
             merchant,
             location,
             psam,
+            gateway,
         } => {
             let patch = TerminalPatch {
                 enabled: None,
                 merchant_account_id: merchant,
                 location,
                 psam_serial: psam,
+                gateway_no: gateway,
             };
             println!(
                 "{}",
@@ -953,8 +971,8 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
                     .join("\n")
             });
         }
-        TerminalCommand::Release { .. } => {
-            anyhow::bail!("release is handled with the security module (see main)")
+        TerminalCommand::Release { .. } | TerminalCommand::Tmk { .. } => {
+            anyhow::bail!("this command is handled with the security module (see main)")
         }
         TerminalCommand::Anomalies { asn, json } => {
             let list = app::ingest::anomalies(app, &a, &asn).await?;
@@ -981,5 +999,48 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// `onecard terminal tmk`: the TMK of a registered terminal into a new file (never
+/// overwritten), audited.
+pub async fn export_tmk(
+    app: &App,
+    module: &dyn app::security::SecurityModule,
+    terminal_no: &str,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let t = app::terminals::parse_terminal_no(terminal_no)?;
+    app::terminals::by_f41(app, &t[4..])
+        .await?
+        .filter(|r| r.terminal_no == t)
+        .with_context(|| format!("terminal {t} is not registered"))?;
+    let version = module
+        .current_version(app::security::KeyKind::TerminalMaster)
+        .context("no terminal master key: run `onecard keys ceremony`")?;
+    let tmk = module.terminal_master(version, &app::terminals::terminal_id(&t)?)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    let hex: String = tmk
+        .expose_bytes()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    writeln!(file, "{hex}")?;
+    app::terminals::record_tmk_export(app, &Actor::cli(), &t, version).await?;
+    println!(
+        "terminal {t}: TMK (version {version}, check value {}) written to {}",
+        tmk.check_value()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<String>(),
+        out.display()
+    );
     Ok(())
 }

@@ -106,6 +106,9 @@ enum Command {
     /// Simulators: `sim pos` sells with software cards through software PSAMs over TCP.
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Run a commerce gateway: serve a canteen's POS, answer them while the centre is
+    /// unreachable, keep their records in a SQLite outbox and forward them in order.
+    Gateway(GatewayArgs),
     /// Terminals (POS, kiosks, gateways): register, enable, disable, bind a PSAM; the
     /// quarantined offline records; a card's purse anomalies.
     #[command(subcommand)]
@@ -336,6 +339,38 @@ struct SimPosArgs {
     /// The first card ASN (20 digits) of the population.
     #[arg(long, default_value_t = 90_000_000_000_000_000_001)]
     first_asn: u128,
+    /// Sell through a commerce gateway with this terminal number (registered if new). Without
+    /// --posp, a front end and the gateway are started in this process.
+    #[arg(long, value_name = "TERMINAL_NO")]
+    gateway: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct GatewayArgs {
+    /// The centre's terminal front end.
+    #[arg(long, env = "ONECARD_GATEWAY_CENTRE", value_name = "HOST:PORT")]
+    centre: String,
+    /// Where the canteen's POS connect.
+    #[arg(long, env = "ONECARD_GATEWAY_LISTEN", default_value = "0.0.0.0:5100")]
+    listen: String,
+    /// The gateway's terminal number (12 hex digits), registered at the centre with kind
+    /// gateway.
+    #[arg(long, env = "ONECARD_GATEWAY_TERMINAL")]
+    terminal: String,
+    /// The serial the gateway signs in with (the one registered as its PSAM).
+    #[arg(long, env = "ONECARD_GATEWAY_SERIAL")]
+    serial: String,
+    /// A file holding the gateway's terminal master key (32 hex digits), as
+    /// `onecard terminal tmk` wrote it at the centre.
+    #[arg(long, env = "ONECARD_GATEWAY_TMK_FILE")]
+    tmk_file: std::path::PathBuf,
+    /// The outbox: the gateway's own SQLite file.
+    #[arg(
+        long,
+        env = "ONECARD_GATEWAY_OUTBOX",
+        default_value = "data/gateway.sqlite"
+    )]
+    outbox: std::path::PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -533,6 +568,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
+        Command::Gateway(args) => run_gateway(args).await?,
+        Command::Terminal(desk_cli::TerminalCommand::Tmk { terminal_no, out }) => {
+            let kek = load_kek(&config).context(
+                "a terminal master key comes from the security module: it needs the KEK",
+            )?;
+            let app = app(&config, open(&config, false).await?);
+            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
+            desk_cli::export_tmk(&app, &module, &terminal_no, &out).await?;
+        }
         Command::Terminal(desk_cli::TerminalCommand::Release { id }) => {
             let kek = load_kek(&config)
                 .context("releasing a record checks its TAC again: it needs the KEK")?;
@@ -1062,23 +1106,72 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
         torn_share: args.torn,
         first_terminal: args.first_terminal,
         first_asn: args.first_asn,
+        gateway: args
+            .gateway
+            .as_deref()
+            .map(app::terminals::parse_terminal_no)
+            .transpose()?,
         ..sim::PosSimConfig::default()
     };
+    if let Some(g) = &sim_config.gateway
+        && app::terminals::by_f41(&app, &g[4..]).await?.is_none()
+    {
+        app::terminals::register(
+            &app,
+            &app::Actor::cli(),
+            app::terminals::NewTerminal {
+                terminal_no: g.clone(),
+                kind: app::terminals::TerminalKind::Gateway,
+                merchant_account_id: None,
+                location: "simulated commerce gateway".into(),
+                psam_serial: Some(format!("GW{g}")),
+                gateway_no: None,
+            },
+        )
+        .await?;
+    }
     println!(
         "setting up {} terminals and {} cards (personalised and loaded)...",
         args.terminals, args.cards
     );
     let population = Arc::new(sim::setup(&app, module.clone(), merchant, &sim_config).await?);
+    let mut gateway_dir = None;
     let (addr, server) = match args.posp {
         Some(a) => (a, None),
         None => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
+            let mut addr = listener.local_addr()?;
             let front = posp::Posp::new(app.clone(), module.clone(), posp::PospConfig::default());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(front.serve(listener, async {
+            let stopped = async {
                 let _ = stopped.await;
-            }));
+            };
+            let task = match &sim_config.gateway {
+                None => tokio::spawn(front.serve(listener, stopped)),
+                Some(g) => {
+                    // The front end, and the gateway in front of it with its outbox in a
+                    // temporary directory.
+                    let front_task = tokio::spawn(front.serve(listener, std::future::pending()));
+                    let version = module
+                        .current_version(app::security::KeyKind::TerminalMaster)
+                        .context("no terminal master key: run `onecard keys ceremony`")?;
+                    let tmk = module.terminal_master(version, &app::terminals::terminal_id(g)?)?;
+                    let dir = tempfile::tempdir()?;
+                    let gw = gateway::Gateway::open(
+                        gateway::GatewayConfig::new(&addr.to_string(), g, &format!("GW{g}")),
+                        tmk,
+                        &dir.path().join("outbox.sqlite"),
+                    )?;
+                    gateway_dir = Some((dir, gw.clone()));
+                    let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    addr = gl.local_addr()?;
+                    tokio::spawn(async move {
+                        let out = gw.serve(gl, stopped).await;
+                        front_task.abort();
+                        out
+                    })
+                }
+            };
             (addr, Some((stop, task)))
         }
     };
@@ -1091,10 +1184,65 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
         println!("  {done}/{total} sales");
     })
     .await?;
+    if let Some((_, gw)) = &gateway_dir {
+        // Everything the gateway took must reach the centre before the report.
+        let forwarded = gw.drain().await?;
+        let stats = gw.stats()?;
+        println!(
+            "gateway: {} messages relayed, {} answered alone, {} entries forwarded ({forwarded} \
+             in the final drain), {} waiting",
+            stats.relayed, stats.stood_in, stats.forwarded, stats.pending
+        );
+    }
     if let Some((stop, task)) = server {
         let _ = stop.send(());
         task.await??;
     }
     println!("{report}");
     Ok(())
+}
+
+async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    gateway::check_address(&args.centre)?;
+    let text = std::fs::read_to_string(&args.tmk_file)
+        .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?;
+    let text = text.trim();
+    let bytes: Option<Vec<u8>> = (text.len() == 32)
+        .then(|| {
+            (0..32)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten();
+    let tmk = bytes
+        .and_then(|b| card::crypto::Tdes2Key::from_slice(&b).ok())
+        .with_context(|| {
+            format!(
+                "{} must hold the gateway's TMK as 32 hex digits (`onecard terminal tmk` at the \
+                 centre writes it)",
+                args.tmk_file.display()
+            )
+        })?;
+    let terminal = app::terminals::parse_terminal_no(&args.terminal)?;
+    let gw = gateway::Gateway::open(
+        gateway::GatewayConfig::new(&args.centre, &terminal, &args.serial),
+        tmk,
+        &args.outbox,
+    )?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let stats = gw.stats()?;
+    println!(
+        "commerce gateway {terminal} listening on {} for POS, centre {}, outbox {} ({} waiting)",
+        listener.local_addr()?,
+        args.centre,
+        args.outbox.display(),
+        stats.pending
+    );
+    gw.serve(listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
 }

@@ -90,87 +90,13 @@ impl Posp {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.connections_max));
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                p = slots.clone().acquire_owned() => p?,
-            };
-            let accepted = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                a = listener.accept() => a,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, an aborted handshake: keep serving the others.
-                    tracing::error!(error = %e, "accepting a terminal connection failed");
-                    tokio::time::sleep(Duration::from_millis(ACCEPT_BACKOFF_MS)).await;
-                    continue;
-                }
-            };
-            let posp = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = posp.connection(stream).await {
-                    tracing::info!(%peer, error = %e, "terminal connection closed");
-                }
-                drop(permit);
-            });
-        }
+        let config = self.config.clone();
+        serve_frames(listener, shutdown, &config, self).await
     }
 
-    async fn connection(&self, mut stream: TcpStream) -> anyhow::Result<()> {
-        let peer = stream.peer_addr()?.ip().to_string();
-        // The terminal this connection signed in as: only it may sign off here, and only its
-        // blacklist version is recorded from here.
-        let mut signed_in: Option<String> = None;
-        let mut frame_started: Option<std::time::Instant> = None;
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 4096];
-        let idle = Duration::from_millis(self.config.idle_timeout_ms);
-        loop {
-            // Answer every whole frame already received.
-            loop {
-                let parsed = frame::split(&self.profile, &buf)
-                    .map_err(|e| anyhow::anyhow!("{e}; closing the connection"))?;
-                let Some((f, used)) = parsed else { break };
-                frame_started = None;
-                let reply_tpdu = f.reply_tpdu();
-                let request = f.message.to_vec();
-                buf.drain(..used);
-                let limit = Duration::from_millis(self.config.message_timeout_ms);
-                let answer =
-                    tokio::time::timeout(limit, self.handle(&request, &peer, &mut signed_in))
-                        .await
-                        .map_err(|_| anyhow::anyhow!("a message took longer than {limit:?}"))??;
-                if let Some(body) = answer {
-                    let out = frame::build(&self.profile, reply_tpdu, &HEADER, &body)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    stream.write_all(&out).await?;
-                }
-            }
-            // A frame begun must arrive whole within the message timeout (a terminal sending
-            // a byte now and then cannot hold a connection slot); between frames, the idle
-            // timeout applies.
-            let wait = if buf.is_empty() {
-                idle
-            } else {
-                let limit = Duration::from_millis(self.config.message_timeout_ms);
-                let since = *frame_started.get_or_insert_with(std::time::Instant::now);
-                limit.saturating_sub(since.elapsed())
-            };
-            let n = tokio::time::timeout(wait, stream.read(&mut chunk))
-                .await
-                .map_err(|_| anyhow::anyhow!("no whole frame within {wait:?}"))??;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Answers one message (`None`: no answer, the connection closes).
+    /// Answers one message (an error: no answer, the connection closes). A message that
+    /// decodes but cannot be handled (the database is unreachable, ...) is answered `96`
+    /// without a MAC, so the terminal (or a gateway) knows to try again or stand in.
     async fn handle(
         &self,
         bytes: &[u8],
@@ -190,16 +116,37 @@ impl Posp {
                 answer.set(f, v.to_vec());
             }
         }
+        match self
+            .respond(bytes, &request, answer.clone(), peer, signed_in)
+            .await
+        {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                tracing::error!(%peer, error = %e, mti = request.mti_str(), "answering 96");
+                answer.set(39, "96");
+                Ok(Some(self.encode(&answer)?))
+            }
+        }
+    }
+
+    async fn respond(
+        &self,
+        bytes: &[u8],
+        request: &Message,
+        mut answer: Message,
+        peer: &str,
+        signed_in: &mut Option<String>,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
         let network = request.text(60).and_then(|t| t.get(8..11)).unwrap_or("");
         match (request.mti_str(), network) {
             ("0800", "003") | ("0800", "001") | ("0800", "004") => {
-                if let Some(t) = self.sign_in(&request, &mut answer, peer).await? {
+                if let Some(t) = self.sign_in(request, &mut answer, peer).await? {
                     *signed_in = Some(t);
                 }
                 Ok(Some(self.encode(&answer)?))
             }
             ("0800", "391") => {
-                let Some(terminal_no) = self.terminal_no(&request).await? else {
+                let Some(terminal_no) = self.terminal_no(request).await? else {
                     answer.set(39, "03");
                     return Ok(Some(self.encode(&answer)?));
                 };
@@ -238,7 +185,7 @@ impl Posp {
                 Ok(Some(self.encode(&answer)?))
             }
             ("0500", _) => {
-                let Some(terminal_no) = self.terminal_no(&request).await? else {
+                let Some(terminal_no) = self.terminal_no(request).await? else {
                     answer.set(39, "03");
                     return Ok(Some(self.encode(&answer)?));
                 };
@@ -270,7 +217,7 @@ impl Posp {
             }
             ("0820", "002") => {
                 // Only the connection that signed a terminal in may sign it off.
-                let t = self.terminal_no(&request).await?;
+                let t = self.terminal_no(request).await?;
                 if t.is_some() && t == *signed_in {
                     self.sessions
                         .lock()
@@ -297,12 +244,15 @@ impl Posp {
                     answer.set(39, "03");
                     return Ok(Some(self.encode(&answer)?));
                 }
-                // One registry read a message: the terminal found above gives the session.
+                // One registry read a message: the terminal found above gives the session. A
+                // terminal behind a commerce gateway speaks through it: its messages carry the
+                // gateway's MAC.
                 let session = terminal.as_ref().and_then(|t| {
+                    let speaker = t.gateway_no.as_deref().unwrap_or(&t.terminal_no);
                     self.sessions
                         .lock()
                         .expect("sessions")
-                        .get(&t.terminal_no)
+                        .get(speaker)
                         .cloned()
                 });
                 let Some(session) = session else {
@@ -331,9 +281,9 @@ impl Posp {
                     .unwrap_or("000000")
                     .to_owned();
                 match request.mti_str() {
-                    "0320" => self.upload(&request, &mut answer).await?,
+                    "0320" => self.upload(request, &mut answer).await?,
                     "0220" => {
-                        self.upload(&request, &mut answer).await?;
+                        self.upload(request, &mut answer).await?;
                         let original = request.text(61).unwrap_or("");
                         if matches!(answer.text(39), Some("00" | "94")) && original.len() >= 12 {
                             app::authorise::confirm(
@@ -369,7 +319,7 @@ impl Posp {
                         answer.set(39, code);
                     }
                     _ => {
-                        self.authorise(&request, &mut answer, terminal_no, batch)
+                        self.authorise(request, &mut answer, terminal_no, batch)
                             .await?
                     }
                 }
@@ -439,6 +389,13 @@ impl Posp {
             .current_version(KeyKind::TerminalMaster)
             .ok_or_else(|| anyhow::anyhow!("no terminal master key: run the key ceremony"))?;
         let (f62, session) = self.module.terminal_sign_in(version, &id)?;
+        if let Some(g) = &t.gateway_no {
+            // Behind a gateway: the gateway gets the terminal's MAC key under its own TMK, to
+            // check and make the terminal's MACs (also while the centre is unreachable).
+            let gateway = app::terminals::terminal_id(g).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let delegated = self.module.delegate_session(version, &gateway, &session)?;
+            answer.set(63, hex(&delegated));
+        }
         self.sessions
             .lock()
             .expect("sessions")
@@ -499,15 +456,28 @@ impl Posp {
         Ok(())
     }
 
+    /// Ingests the records of F58 (one from a POS; up to [`RECORDS_PER_MESSAGE_MAX`] from a
+    /// gateway): F48 answers one digit a record (0 posted, 1 duplicate, 2 quarantined); F39
+    /// is the only record's outcome (`00`, `94`, `Q1`), or `00` for several.
     async fn upload(&self, request: &Message, answer: &mut Message) -> anyhow::Result<()> {
-        let record = request.text(58).and_then(parse_record).map(|mut r| {
-            r.batch = request
-                .text(60)
-                .and_then(|t| t.get(2..8))
-                .map(str::to_owned);
-            r
-        });
-        let Some(record) = record else {
+        let batch = request
+            .text(60)
+            .and_then(|t| t.get(2..8))
+            .map(str::to_owned);
+        let text = request.text(58).unwrap_or("");
+        let records: Option<Vec<_>> = if text.is_empty() || !text.len().is_multiple_of(RECORD_LEN) {
+            None
+        } else {
+            (0..text.len() / RECORD_LEN)
+                .map(|i| {
+                    parse_record(&text[i * RECORD_LEN..(i + 1) * RECORD_LEN]).map(|mut r| {
+                        r.batch = batch.clone();
+                        r
+                    })
+                })
+                .collect()
+        };
+        let Some(records) = records.filter(|r| r.len() <= RECORDS_PER_MESSAGE_MAX) else {
             answer.set(39, "30");
             return Ok(());
         };
@@ -515,10 +485,23 @@ impl Posp {
             &self.app,
             self.module.as_ref(),
             app::ingest::IngestPolicy::default(),
-            vec![record],
+            records,
         )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let digits: String = outcome
+            .iter()
+            .map(|o| match o {
+                app::ingest::IngestOutcome::Posted { .. } => '0',
+                app::ingest::IngestOutcome::Duplicate => '1',
+                app::ingest::IngestOutcome::Quarantined { .. } => '2',
+            })
+            .collect();
+        answer.set(48, digits);
+        if outcome.len() > 1 {
+            answer.set(39, "00");
+            return Ok(());
+        }
         match &outcome[0] {
             app::ingest::IngestOutcome::Posted { .. } => answer.set(39, "00"),
             app::ingest::IngestOutcome::Duplicate => answer.set(39, "94"),
@@ -536,14 +519,143 @@ impl Posp {
     }
 }
 
+/// What answers a front end's messages: the centre's [`Posp`], or a commerce gateway.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// What one connection remembers between its messages.
+    type Connection: Default + Send;
+
+    /// Answers one message (the bytes after the header); `None` sends nothing back, an error
+    /// closes the connection.
+    fn handle<'a>(
+        &'a self,
+        message: &'a [u8],
+        peer: &'a str,
+        connection: &'a mut Self::Connection,
+    ) -> impl std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>> + Send + 'a;
+}
+
+impl Handler for Posp {
+    type Connection = Option<String>;
+
+    fn handle<'a>(
+        &'a self,
+        message: &'a [u8],
+        peer: &'a str,
+        signed_in: &'a mut Option<String>,
+    ) -> impl std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>> + Send + 'a {
+        Posp::handle(self, message, peer, signed_in)
+    }
+}
+
+/// Accepts terminal connections until `shutdown` resolves and answers each whole frame with
+/// `handler`, within the limits of `config`: connections at once, the time one message may
+/// take, the idle time. A frame that cannot be parsed closes its own connection only.
+pub async fn serve_frames<H: Handler>(
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    config: &PospConfig,
+    handler: H,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.connections_max));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            p = slots.clone().acquire_owned() => p?,
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, an aborted handshake: keep serving the others.
+                tracing::error!(error = %e, "accepting a terminal connection failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_BACKOFF_MS)).await;
+                continue;
+            }
+        };
+        let (handler, config) = (handler.clone(), config.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(&handler, &config, stream).await {
+                tracing::info!(%peer, error = %e, "terminal connection closed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn connection<H: Handler>(
+    handler: &H,
+    config: &PospConfig,
+    mut stream: TcpStream,
+) -> anyhow::Result<()> {
+    let profile = Profile::cups_pos();
+    let peer = stream.peer_addr()?.ip().to_string();
+    let mut state = H::Connection::default();
+    let mut frame_started: Option<std::time::Instant> = None;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let limit = Duration::from_millis(config.message_timeout_ms);
+    loop {
+        // Answer every whole frame already received.
+        loop {
+            let parsed = frame::split(&profile, &buf)
+                .map_err(|e| anyhow::anyhow!("{e}; closing the connection"))?;
+            let Some((f, used)) = parsed else { break };
+            frame_started = None;
+            let reply_tpdu = f.reply_tpdu();
+            let request = f.message.to_vec();
+            buf.drain(..used);
+            let answer = tokio::time::timeout(limit, handler.handle(&request, &peer, &mut state))
+                .await
+                .map_err(|_| anyhow::anyhow!("a message took longer than {limit:?}"))??;
+            if let Some(body) = answer {
+                let out = frame::build(&profile, reply_tpdu, &HEADER, &body)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                stream.write_all(&out).await?;
+            }
+        }
+        // A frame begun must arrive whole within the message timeout (a terminal sending a
+        // byte now and then cannot hold a connection slot); between frames, the idle timeout
+        // applies.
+        let wait = if buf.is_empty() {
+            idle
+        } else {
+            let since = *frame_started.get_or_insert_with(std::time::Instant::now);
+            limit.saturating_sub(since.elapsed())
+        };
+        let n = tokio::time::timeout(wait, stream.read(&mut chunk))
+            .await
+            .map_err(|_| anyhow::anyhow!("no whole frame within {wait:?}"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// The answer's MTI: the function digit plus one (0200 → 0210); a request whose function
 /// digit is already 9 is answered as an 0x90 message (and gets `12`).
-fn reply_mti(mti: &str) -> String {
+pub fn reply_mti(mti: &str) -> String {
     let mut b = mti.as_bytes().to_vec();
     if b.len() == 4 && (b'0'..=b'8').contains(&b[2]) {
         b[2] += 1;
     }
     String::from_utf8(b).unwrap_or_else(|_| "0000".into())
+}
+
+/// Characters of one purse record (docs/protocol.md section 4).
+pub const RECORD_LEN: usize = 91;
+
+/// Records one upload (0320) may carry in F58: a POS sends one, a gateway up to ten.
+pub const RECORDS_PER_MESSAGE_MAX: usize = 10;
+
+/// Upper-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
 /// The purse record of F58 (docs/protocol.md section 4).

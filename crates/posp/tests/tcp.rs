@@ -92,7 +92,7 @@ conformance! {
         let canteen = app.create_account(AccountKind::MerchantPayable, Some("merchant:canteen")).await.unwrap().account.id;
         app::terminals::register(&app, &cli, app::terminals::NewTerminal {
             terminal_no: "000000000001".into(), kind: app::terminals::TerminalKind::Pos,
-            merchant_account_id: Some(canteen.get()), location: "canteen".into(), psam_serial: Some(PSAM.into()),
+            merchant_account_id: Some(canteen.get()), location: "canteen".into(), psam_serial: Some(PSAM.into()), gateway_no: None,
         }).await.unwrap();
         // A card with 100.00 on it and in its shadow, and one purchase record.
         app::stock::receive(&app, &cli, ASN, 1, "b").await.unwrap();

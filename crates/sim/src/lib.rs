@@ -49,6 +49,9 @@ pub struct PosSimConfig {
     /// The first terminal number (12 digits) and card ASN (20 digits) of the population.
     pub first_terminal: u64,
     pub first_asn: u128,
+    /// The commerce gateway (12 hex digits, registered already) the terminals sell through;
+    /// `None`: they connect to the centre directly.
+    pub gateway: Option<String>,
 }
 
 impl Default for PosSimConfig {
@@ -64,6 +67,7 @@ impl Default for PosSimConfig {
             load_fen: 20_000,
             first_terminal: 900_050_000_001,
             first_asn: 90_000_000_000_000_000_001,
+            gateway: None,
         }
     }
 }
@@ -129,6 +133,7 @@ pub async fn setup(
                 merchant_account_id: Some(merchant_account.get()),
                 location: format!("simulated POS {}", t + 1),
                 psam_serial: Some(psam_serial.clone()),
+                gateway_no: config.gateway.clone(),
             },
         )
         .await

@@ -16,6 +16,7 @@
 mod check;
 mod journal;
 mod migrate;
+pub mod outbox;
 mod pg;
 pub mod sql;
 mod sqlite;

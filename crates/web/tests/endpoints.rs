@@ -99,7 +99,7 @@ conformance! {
         let transfer = app.account_transfers(holder.online_account, None, 1).await.unwrap()[0].record.transfer.id;
         let terminal = app::terminals::register(&app, &cli, app::terminals::NewTerminal {
             terminal_no: "0000000000AA".into(), kind: app::terminals::TerminalKind::Pos,
-            merchant_account_id: Some(library.get()), location: "library".into(), psam_serial: None,
+            merchant_account_id: Some(library.get()), location: "library".into(), psam_serial: None, gateway_no: None,
         }).await.unwrap();
         let mut terminal_no = 0x100u64;
         let mut receive_at = 10_000_000_000_000_000_200u128;
