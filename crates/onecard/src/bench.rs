@@ -463,9 +463,8 @@ pub struct IngestArgs {
 /// duplicate key, continuity checks, the ledger postings and the record rows. Setting up the
 /// cards and making the records is not timed.
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
-    use app::ingest::{IngestOutcome, IngestPolicy, OfflineRecord};
-    use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
-    use card::purse::{Asn, TerminalId, TxDateTime, TxType};
+    use app::ingest::{IngestOutcome, IngestPolicy};
+    use app::security::{Kek, SoftwareSecurityModule};
     anyhow::ensure!(
         args.runs >= 1 && args.cards >= 1 && args.batch >= 1,
         "--runs, --cards and --batch must be at least 1"
@@ -496,7 +495,6 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             let db = BenchDb::open(backend == "postgres", &args.pg_url, &format!("_{run}")).await?;
             let store = db.store.clone();
             let app = app::App::new(store.clone(), std::sync::Arc::new(app::SystemClock));
-            let actor = app::Actor::cli();
             let kek = Kek::from_hex(&Kek::generate_hex()?, "bench")?;
             SoftwareSecurityModule::ceremony(
                 &store,
@@ -506,127 +504,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             )
             .await?;
             let module = SoftwareSecurityModule::open(&store, &kek).await?;
-            // Cards, each with a purse shadow to spend.
-            let first = "10000000000000000001";
-            app::stock::receive(&app, &actor, first, args.cards as u64, "bench").await?;
-            app::stock::initialise(&app, &actor, first, args.cards as u64).await?;
-            let csv = app::demo::cardholders_csv(args.cards, 1, 7);
-            app::cardholders::import_csv(
-                &app,
-                &actor,
-                csv.as_bytes(),
-                app::cardholders::ImportOptions {
-                    issue_cards: true,
-                    progress: None,
-                },
-            )
-            .await?;
-            let merchant = app
-                .create_account(AccountKind::MerchantPayable, Some("merchant:canteen"))
-                .await?
-                .account
-                .id;
-            let bank = app
-                .create_account(AccountKind::BankClearing, Some("bank:bench"))
-                .await?
-                .account
-                .id;
-            app::terminals::register(
-                &app,
-                &actor,
-                app::terminals::NewTerminal {
-                    terminal_no: "000000000001".into(),
-                    kind: app::terminals::TerminalKind::Pos,
-                    merchant_account_id: Some(merchant.get()),
-                    location: "bench".into(),
-                    psam_serial: None,
-                    gateway_no: None,
-                },
-            )
-            .await?;
-            let purses: Vec<(String, AccountId)> = store
-                .query("SELECT asn, purse_account_id FROM cards ORDER BY asn", &[])
-                .await?
-                .iter()
-                .map(|r| Ok((r.text(0)?, AccountId::new(r.int(1)?).expect("positive"))))
-                .collect::<anyhow::Result<_>>()?;
-            let per_card = args.records.div_ceil(args.cards);
-            let load_fen = 1_000 * per_card as i64;
-            let mut n = 0u128;
-            let loads: Vec<Transfer> = purses
-                .iter()
-                .map(|(_, purse)| {
-                    n += 1;
-                    Transfer {
-                        id: TransferId::new((7 << 96) + n).expect("non-zero"),
-                        debit: bank,
-                        credit: *purse,
-                        amount: Fen::new(load_fen),
-                        kind: TransferKind::Single,
-                        linked: false,
-                        code: app::code::LOAD,
-                    }
-                })
-                .collect();
-            for chunk in loads.chunks(5_000) {
-                store.submit(chunk.to_vec(), now()).await?;
-            }
-            // Records with real TACs, card by card in counter order, interleaved across cards.
-            let version = module
-                .current_version(KeyKind::Tac)
-                .expect("ceremony made it");
-            let terminal = TerminalId::new([0, 0, 0, 0, 0, 1]);
-            let mut per_card_records: Vec<Vec<OfflineRecord>> = Vec::with_capacity(purses.len());
-            let mut ttc = 0u32;
-            for (asn_text, _) in &purses {
-                let asn = Asn::parse_digits(asn_text).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let tac_key = module.card_keys(version, &asn)?.tac.tac_key();
-                let mut balance = load_fen as u32;
-                let mut list = Vec::with_capacity(per_card);
-                for k in 0..per_card {
-                    ttc += 1;
-                    let amount = 100 + (ttc % 800);
-                    let at = format!(
-                        "20261128{:02}{:02}{:02}",
-                        8 + k / 3600 % 12,
-                        k / 60 % 60,
-                        k % 60
-                    );
-                    let dt = TxDateTime::parse_digits(&at).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                    let tac = card::crypto::purchase_tac(
-                        &tac_key,
-                        amount,
-                        TxType::EpPurchase,
-                        &terminal,
-                        ttc,
-                        &dt,
-                    );
-                    list.push(OfflineRecord {
-                        asn: asn_text.clone(),
-                        counter: k as u16,
-                        tx_type: 6,
-                        terminal_no: "000000000001".into(),
-                        ttc,
-                        amount_fen: amount,
-                        balance_before_fen: balance,
-                        tx_at: at,
-                        tac: tac.to_bytes().iter().map(|b| format!("{b:02X}")).collect(),
-                        batch: None,
-                    });
-                    balance -= amount;
-                }
-                per_card_records.push(list);
-            }
-            let mut records = Vec::with_capacity(args.records);
-            for k in 0..per_card {
-                for list in &per_card_records {
-                    if let Some(r) = list.get(k) {
-                        records.push(r.clone());
-                    }
-                }
-            }
-            records.truncate(args.records);
-            drop(per_card_records);
+            let records = offline_fixture(&app, &module, args.records, args.cards, None).await?;
             let started = Instant::now();
             let mut posted = 0usize;
             for chunk in records.chunks(args.batch) {
@@ -652,6 +530,298 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         row(backend, "offline records, TAC-verified, posted", per_s);
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Which store backends to measure.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BackendChoice,
+    /// Records waiting in the gateway's outbox.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: usize,
+    /// Cards the records are spread over.
+    #[arg(long, default_value_t = 20_000)]
+    cards: usize,
+    /// Forwarding connections, and messages in flight on each.
+    #[arg(long, default_value_t = 4)]
+    lanes: usize,
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// PostgreSQL server for a scratch database (as for `bench ledger`).
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+}
+
+/// `onecard bench gateway`: a commerce gateway's outbox holding `records` purse records (real
+/// TACs) drains into a centre (the front end on 127.0.0.1, ingest, a fresh database) over TCP:
+/// 0320s of ten records, on card-keyed lanes, pipelined. Filling the outbox is not timed; the
+/// drain is, until the centre has answered every record. Then every record must be posted
+/// and db-check must pass.
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+    anyhow::ensure!(
+        args.runs >= 1 && args.cards >= 1 && args.lanes >= 1 && args.window >= 1,
+        "--runs, --cards, --lanes and --window must be at least 1"
+    );
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are meaningless (use --release)");
+    }
+    println!(
+        "onecard bench gateway: {} records over {} cards in the outbox, {} lanes x {} in flight",
+        args.records, args.cards, args.lanes, args.window
+    );
+    println!("{:<10} {:>14}   runs", "backend", "records/s");
+    const GATEWAY: &str = "900060000001";
+    for (backend, wanted) in [
+        (
+            "sqlite",
+            matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All),
+        ),
+        (
+            "postgres",
+            matches!(args.backend, BackendChoice::Postgres | BackendChoice::All),
+        ),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let mut per_s = Vec::new();
+        for run in 0..args.runs {
+            let db =
+                BenchDb::open(backend == "postgres", &args.pg_url, &format!("_g{run}")).await?;
+            let store = db.store.clone();
+            let app = app::App::new(store.clone(), std::sync::Arc::new(app::SystemClock));
+            let kek = Kek::from_hex(&Kek::generate_hex()?, "bench")?;
+            SoftwareSecurityModule::ceremony(
+                &store,
+                &kek,
+                card::crypto::PurseAlgorithm::Tdes,
+                now(),
+            )
+            .await?;
+            let module = std::sync::Arc::new(SoftwareSecurityModule::open(&store, &kek).await?);
+            let records =
+                offline_fixture(&app, &module, args.records, args.cards, Some(GATEWAY)).await?;
+            let version = module
+                .current_version(KeyKind::TerminalMaster)
+                .expect("ceremony made it");
+            let tmk = module.terminal_master(version, &app::terminals::terminal_id(GATEWAY)?)?;
+            let dir = tempfile::tempdir()?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let mut config =
+                gateway::GatewayConfig::new(&addr.to_string(), GATEWAY, &format!("GW{GATEWAY}"));
+            config.lanes = args.lanes;
+            config.window = args.window;
+            let gw = gateway::Gateway::open(config, tmk, &dir.path().join("outbox.sqlite"))?;
+            let entries: Vec<store::outbox::NewEntry> = records
+                .iter()
+                .map(|r| store::outbox::NewEntry {
+                    kind: store::outbox::EntryKind::Record,
+                    terminal_no: r.terminal_no[4..].to_owned(),
+                    batch: "000001".into(),
+                    asn: r.asn.clone(),
+                    amount_fen: i64::from(r.amount_fen),
+                    body: posp::format_record(r),
+                })
+                .collect();
+            drop(records);
+            for chunk in entries.chunks(50_000) {
+                gw.outbox().append(chunk, 0)?;
+            }
+            drop(entries);
+            let front = posp::Posp::new(app.clone(), module.clone(), posp::PospConfig::default());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(front.serve(listener, async {
+                let _ = stopped.await;
+            }));
+            let started = Instant::now();
+            let forwarded = gw.drain().await?;
+            let elapsed = started.elapsed();
+            per_s.push(forwarded as f64 / elapsed.as_secs_f64());
+            println!(
+                "  run {}: {forwarded} records in {:.2} s",
+                run + 1,
+                elapsed.as_secs_f64()
+            );
+            let _ = stop.send(());
+            server.await??;
+            let posted = store
+                .query("SELECT count(*) FROM offline_records WHERE status = 0", &[])
+                .await?[0]
+                .int(0)?;
+            anyhow::ensure!(
+                posted as u64 == forwarded && forwarded as usize == args.records,
+                "{posted} records posted, {forwarded} forwarded, {} in the outbox",
+                args.records
+            );
+            let check = store.check().await?;
+            anyhow::ensure!(check.is_ok(), "db-check failed after the drain: {check}");
+            drop((app, store, module, gw));
+            db.finish().await?;
+        }
+        row(backend, "gateway backlog drained, posted", per_s);
+    }
+    Ok(())
+}
+
+/// The fixture of the ingest and gateway benchmarks: `cards` cards issued through the import,
+/// their purse shadows loaded, a POS `000000000001` (behind `gateway` if given) selling for a
+/// canteen, and `records` purchase records with real TACs, card by card in counter order,
+/// interleaved across cards as a canteen's terminals upload them.
+async fn offline_fixture(
+    app: &app::App,
+    module: &app::security::SoftwareSecurityModule,
+    records: usize,
+    cards: usize,
+    gateway: Option<&str>,
+) -> anyhow::Result<Vec<app::ingest::OfflineRecord>> {
+    use app::ingest::OfflineRecord;
+    use app::security::{KeyKind, SecurityModule};
+    use card::purse::{Asn, TerminalId, TxDateTime, TxType};
+    let store = app.store().clone();
+    let actor = app::Actor::cli();
+    // Cards, each with a purse shadow to spend.
+    let first = "10000000000000000001";
+    app::stock::receive(&app, &actor, first, cards as u64, "bench").await?;
+    app::stock::initialise(&app, &actor, first, cards as u64).await?;
+    let csv = app::demo::cardholders_csv(cards, 1, 7);
+    app::cardholders::import_csv(
+        &app,
+        &actor,
+        csv.as_bytes(),
+        app::cardholders::ImportOptions {
+            issue_cards: true,
+            progress: None,
+        },
+    )
+    .await?;
+    let merchant = app
+        .create_account(AccountKind::MerchantPayable, Some("merchant:canteen"))
+        .await?
+        .account
+        .id;
+    let bank = app
+        .create_account(AccountKind::BankClearing, Some("bank:bench"))
+        .await?
+        .account
+        .id;
+    if let Some(g) = gateway {
+        app::terminals::register(
+            app,
+            &actor,
+            app::terminals::NewTerminal {
+                terminal_no: g.to_owned(),
+                kind: app::terminals::TerminalKind::Gateway,
+                merchant_account_id: None,
+                location: "bench gateway".into(),
+                psam_serial: Some(format!("GW{g}")),
+                gateway_no: None,
+            },
+        )
+        .await?;
+    }
+    app::terminals::register(
+        app,
+        &actor,
+        app::terminals::NewTerminal {
+            terminal_no: "000000000001".into(),
+            kind: app::terminals::TerminalKind::Pos,
+            merchant_account_id: Some(merchant.get()),
+            location: "bench".into(),
+            psam_serial: None,
+            gateway_no: gateway.map(str::to_owned),
+        },
+    )
+    .await?;
+    let purses: Vec<(String, AccountId)> = store
+        .query("SELECT asn, purse_account_id FROM cards ORDER BY asn", &[])
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, AccountId::new(r.int(1)?).expect("positive"))))
+        .collect::<anyhow::Result<_>>()?;
+    let per_card = records.div_ceil(cards);
+    let load_fen = 1_000 * per_card as i64;
+    let mut n = 0u128;
+    let loads: Vec<Transfer> = purses
+        .iter()
+        .map(|(_, purse)| {
+            n += 1;
+            Transfer {
+                id: TransferId::new((7 << 96) + n).expect("non-zero"),
+                debit: bank,
+                credit: *purse,
+                amount: Fen::new(load_fen),
+                kind: TransferKind::Single,
+                linked: false,
+                code: app::code::LOAD,
+            }
+        })
+        .collect();
+    for chunk in loads.chunks(5_000) {
+        store.submit(chunk.to_vec(), now()).await?;
+    }
+    // Records with real TACs, card by card in counter order, interleaved across cards.
+    let version = module
+        .current_version(KeyKind::Tac)
+        .expect("ceremony made it");
+    let terminal = TerminalId::new([0, 0, 0, 0, 0, 1]);
+    let mut per_card_records: Vec<Vec<OfflineRecord>> = Vec::with_capacity(purses.len());
+    let mut ttc = 0u32;
+    for (asn_text, _) in &purses {
+        let asn = Asn::parse_digits(asn_text).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let tac_key = module.card_keys(version, &asn)?.tac.tac_key();
+        let mut balance = load_fen as u32;
+        let mut list = Vec::with_capacity(per_card);
+        for k in 0..per_card {
+            ttc += 1;
+            let amount = 100 + (ttc % 800);
+            let at = format!(
+                "20261128{:02}{:02}{:02}",
+                8 + k / 3600 % 12,
+                k / 60 % 60,
+                k % 60
+            );
+            let dt = TxDateTime::parse_digits(&at).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let tac = card::crypto::purchase_tac(
+                &tac_key,
+                amount,
+                TxType::EpPurchase,
+                &terminal,
+                ttc,
+                &dt,
+            );
+            list.push(OfflineRecord {
+                asn: asn_text.clone(),
+                counter: k as u16,
+                tx_type: 6,
+                terminal_no: "000000000001".into(),
+                ttc,
+                amount_fen: amount,
+                balance_before_fen: balance,
+                tx_at: at,
+                tac: tac.to_bytes().iter().map(|b| format!("{b:02X}")).collect(),
+                batch: None,
+            });
+            balance -= amount;
+        }
+        per_card_records.push(list);
+    }
+    let wanted = records;
+    let mut records = Vec::with_capacity(wanted);
+    for k in 0..per_card {
+        for list in &per_card_records {
+            if let Some(r) = list.get(k) {
+                records.push(r.clone());
+            }
+        }
+    }
+    records.truncate(wanted);
+    drop(per_card_records);
+    Ok(records)
 }
 
 #[derive(Args, Debug)]

@@ -300,6 +300,8 @@ enum BenchCommand {
     Ingest(bench::IngestArgs),
     /// Online authorisations over TCP through the terminal front end.
     Posp(bench::PospArgs),
+    /// A commerce gateway's outbox backlog drained into the centre over TCP.
+    Gateway(bench::GatewayArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -553,6 +555,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Import(args)) => bench::import(args).await?,
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await?,
         Command::Bench(BenchCommand::Posp(args)) => bench::posp(args).await?,
+        Command::Bench(BenchCommand::Gateway(args)) => bench::gateway(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
         Command::Cardholder(cmd) => {
