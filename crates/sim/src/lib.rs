@@ -618,7 +618,9 @@ async fn terminal_loop(
     Ok(report)
 }
 
-async fn exchange(
+/// Sends `m` as a terminal does (framed, MACed with `mak` when given) and reads the answer,
+/// checking its MAC when it has one; returns it with the time it took.
+pub async fn exchange(
     profile: &Profile,
     stream: &mut TcpStream,
     m: &Message,
