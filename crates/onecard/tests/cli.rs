@@ -1114,3 +1114,199 @@ fn terminals_and_the_pos_simulator_from_the_command_line() {
         text(&o)
     );
 }
+
+/// Reads `child`'s stdout until a line contains `marker`; returns the word after it.
+fn address_after(child: &mut std::process::Child, marker: &str) -> String {
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "no line with {marker:?}"
+        );
+        if let Some(rest) = line.split(marker).nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            // Keep draining its output so it never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+            return addr;
+        }
+    }
+}
+
+#[test]
+fn a_commerce_gateway_between_simulated_pos_and_the_centre() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kek = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+    let run = |args: &[&str]| {
+        let o = with_kek(d, Some(kek), args);
+        assert!(o.status.success(), "onecard {args:?} failed:\n{}", text(&o));
+        text(&o)
+    };
+    let refused = |args: &[&str], needle: &str| {
+        let o = with_kek(d, Some(kek), args);
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "onecard {args:?} should say {needle:?}:\n{}",
+            text(&o)
+        );
+    };
+    run(&["init"]);
+    run(&["keys", "ceremony"]);
+    run(&[
+        "terminal",
+        "register",
+        "--terminal-no",
+        "900060000001",
+        "--kind",
+        "gateway",
+        "--psam",
+        "GW0001",
+        "--location",
+        "canteen 2",
+    ]);
+    refused(
+        &[
+            "terminal",
+            "register",
+            "--terminal-no",
+            "900050000009",
+            "--kind",
+            "kiosk",
+            "--location",
+            "x",
+            "--gateway",
+            "900050000001",
+        ],
+        "is not registered",
+    );
+    // The gateway's TMK: written once, readable by its owner only, audited.
+    let tmk = d.join("gateway.tmk");
+    let tmk_s = tmk.to_str().unwrap();
+    assert!(run(&["terminal", "tmk", "900060000001", "--out", tmk_s]).contains("check value"));
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&tmk).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    refused(
+        &["terminal", "tmk", "900060000001", "--out", tmk_s],
+        "must not exist yet",
+    );
+    refused(
+        &[
+            "terminal",
+            "tmk",
+            "900060000077",
+            "--out",
+            d.join("x").to_str().unwrap(),
+        ],
+        "not registered",
+    );
+    assert!(run(&["audit", "list"]).contains("terminal.tmk_exported"));
+    // The gateway's own errors say what is wrong.
+    let bad = d.join("bad.tmk");
+    std::fs::write(&bad, "not a key\n").unwrap();
+    let gw_args = |tmk: &str, centre: &str| {
+        vec![
+            "gateway".to_owned(),
+            "--centre".into(),
+            centre.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--terminal".into(),
+            "900060000001".into(),
+            "--serial".into(),
+            "GW0001".into(),
+            "--tmk-file".into(),
+            tmk.into(),
+            "--outbox".into(),
+            d.join("gateway.sqlite").to_str().unwrap().into(),
+        ]
+    };
+    let args = gw_args(bad.to_str().unwrap(), "127.0.0.1:1");
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "32 hex digits",
+    );
+    let args = gw_args(tmk_s, "no-port-here");
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "not host:port",
+    );
+
+    // Three processes: the centre, the gateway, the simulated POS selling through the gateway.
+    let spawn = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_onecard"));
+        cmd.arg("--data-dir")
+            .arg(d)
+            .args(args)
+            .env("ONECARD_LOG", "warn")
+            .env("ONECARD_KEK", kek)
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut centre = spawn(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("ONECARD_POSP_LISTEN", "127.0.0.1:0")],
+    );
+    let centre_addr = address_after(&mut centre, "terminal front end on ");
+    let args = gw_args(tmk_s, &centre_addr);
+    let mut gateway = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let gateway_addr = address_after(&mut gateway, "listening on ");
+    let out = run(&[
+        "sim",
+        "pos",
+        "--posp",
+        &gateway_addr,
+        "--gateway",
+        "900060000001",
+        "--terminals",
+        "2",
+        "--cards",
+        "10",
+        "--rate",
+        "20",
+        "--seconds",
+        "1",
+        "--mode",
+        "offline",
+    ]);
+    assert!(out.contains("records posted 20"), "{out}");
+    let db = rusqlite::Connection::open(d.join("onecard.db")).unwrap();
+    let mut arrived = 0;
+    for _ in 0..300 {
+        arrived = db
+            .query_row(
+                "SELECT count(*) FROM offline_records WHERE status = 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap();
+        if arrived == 20 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        arrived, 20,
+        "the gateway forwarded every record to the centre"
+    );
+    gateway.kill().unwrap();
+    centre.kill().unwrap();
+    let _ = (gateway.wait(), centre.wait());
+    let list = run(&["terminal", "list"]);
+    assert_eq!(
+        list.lines()
+            .filter(|l| l.contains("via 900060000001"))
+            .count(),
+        2,
+        "{list}"
+    );
+    assert!(run(&["db-check"]).contains("OK"));
+    assert!(run(&["audit", "verify"]).contains("intact"));
+}
