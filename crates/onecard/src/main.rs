@@ -1196,6 +1196,15 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
              in the final drain), {} waiting",
             stats.relayed, stats.stood_in, stats.forwarded, stats.pending
         );
+        let outcomes = gw.outbox().outcomes()?;
+        println!(
+            "centre's answers to the forwarded entries: {}",
+            outcomes
+                .iter()
+                .map(|(o, n)| format!("{o} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if let Some((stop, task)) = server {
         let _ = stop.send(());

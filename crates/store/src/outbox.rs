@@ -260,6 +260,18 @@ impl Outbox {
         })
     }
 
+    /// Forwarded entries by the centre's outcome (`posted`, `duplicate`, `quarantined`,
+    /// `reversal 00`, ...), in name order.
+    pub fn outcomes(&self) -> anyhow::Result<Vec<(String, i64)>> {
+        let conn = self.conn();
+        let mut q = conn.prepare_cached(
+            "SELECT outcome, COUNT(*) FROM outbox WHERE forwarded_at IS NOT NULL \
+             GROUP BY outcome ORDER BY outcome",
+        )?;
+        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Amount and count of the purse records a terminal uploaded in a batch (its settlement).
     pub fn batch_totals(&self, terminal_no: &str, batch: &str) -> anyhow::Result<(i64, i64)> {
         let conn = self.conn();
