@@ -1112,8 +1112,8 @@ impl Handler for Gateway {
         message: &'a [u8],
         peer: &'a str,
         _connection: &'a mut (),
-    ) -> impl std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>> + Send + 'a {
-        self.answer_pos(message, peer)
+    ) -> impl std::future::Future<Output = anyhow::Result<Option<posp::Reply>>> + Send + 'a {
+        async move { Ok(self.answer_pos(message, peer).await?.map(posp::Reply::Now)) }
     }
 }
 

@@ -63,6 +63,75 @@ pub struct Posp {
     config: PospConfig,
     /// Signed-in terminals by their 12-digit number.
     sessions: Arc<Mutex<HashMap<String, Arc<TerminalSession>>>>,
+    /// Uploaded records on their way to ingest (started on first use).
+    ingest_queue: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<IngestJob>>>,
+}
+
+/// Records of one upload waiting for the ingest batch they will be part of.
+struct IngestJob {
+    records: Vec<app::ingest::OfflineRecord>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<app::ingest::IngestOutcome>, String>>,
+}
+
+/// Uploads waiting for ingest at once, before uploaders wait.
+const INGEST_QUEUE_MAX: usize = 4_096;
+
+/// Ingests uploads in batches: every upload waiting when a batch starts joins it (up to
+/// `INGEST_BATCH_MAX` records), one batch at a time, in arrival order, so a card's records
+/// (one connection sends them in counter order) are judged in order, and a gateway's backlog
+/// costs one transaction per batch instead of one per message.
+async fn ingest_batches(
+    app: App,
+    module: Arc<dyn SecurityModule>,
+    mut queue: tokio::sync::mpsc::Receiver<IngestJob>,
+) {
+    let mut carry: Option<IngestJob> = None;
+    loop {
+        let first = match carry.take() {
+            Some(j) => j,
+            None => match queue.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let mut count = first.records.len();
+        let mut jobs = vec![first];
+        while let Ok(j) = queue.try_recv() {
+            if count + j.records.len() > app::ingest::INGEST_BATCH_MAX {
+                carry = Some(j);
+                break;
+            }
+            count += j.records.len();
+            jobs.push(j);
+        }
+        let mut records = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            replies.push((j.records.len(), j.reply));
+            records.extend(j.records);
+        }
+        let outcome = app::ingest::ingest(
+            &app,
+            module.as_ref(),
+            app::ingest::IngestPolicy::default(),
+            records,
+        )
+        .await;
+        match outcome {
+            Ok(all) => {
+                let mut all = all.into_iter();
+                for (n, reply) in replies {
+                    let _ = reply.send(Ok(all.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "an ingest batch failed; its uploads are answered 96");
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Posp {
@@ -81,7 +150,28 @@ impl Posp {
             profile: Arc::new(Profile::cups_pos()),
             config,
             sessions: Arc::new(Mutex::new(HashMap::new())),
+            ingest_queue: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Ingests `records` as part of the next batch.
+    async fn ingest_batched(
+        &self,
+        records: Vec<app::ingest::OfflineRecord>,
+    ) -> anyhow::Result<
+        tokio::sync::oneshot::Receiver<Result<Vec<app::ingest::IngestOutcome>, String>>,
+    > {
+        let queue = self.ingest_queue.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE_MAX);
+            tokio::spawn(ingest_batches(self.app.clone(), self.module.clone(), rx));
+            tx
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        queue
+            .send(IngestJob { records, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the ingest queue stopped"))?;
+        Ok(answer)
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -102,7 +192,7 @@ impl Posp {
         bytes: &[u8],
         peer: &str,
         signed_in: &mut Option<String>,
-    ) -> anyhow::Result<Option<Vec<u8>>> {
+    ) -> anyhow::Result<Option<Reply>> {
         let request = match iso8583::decode(&self.profile, bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -124,7 +214,7 @@ impl Posp {
             Err(e) => {
                 tracing::error!(%peer, error = %e, mti = request.mti_str(), "answering 96");
                 answer.set(39, "96");
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
         }
     }
@@ -136,19 +226,19 @@ impl Posp {
         mut answer: Message,
         peer: &str,
         signed_in: &mut Option<String>,
-    ) -> anyhow::Result<Option<Vec<u8>>> {
+    ) -> anyhow::Result<Option<Reply>> {
         let network = request.text(60).and_then(|t| t.get(8..11)).unwrap_or("");
         match (request.mti_str(), network) {
             ("0800", "003") | ("0800", "001") | ("0800", "004") => {
                 if let Some(t) = self.sign_in(request, &mut answer, peer).await? {
                     *signed_in = Some(t);
                 }
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
             ("0800", "391") => {
                 let Some(terminal_no) = self.terminal_no(request).await? else {
                     answer.set(39, "03");
-                    return Ok(Some(self.encode(&answer)?));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 };
                 let since = request
                     .text(48)
@@ -182,12 +272,12 @@ impl Posp {
                 }
                 answer.set(48, f48);
                 answer.set(39, "00");
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
             ("0500", _) => {
                 let Some(terminal_no) = self.terminal_no(request).await? else {
                     answer.set(39, "03");
-                    return Ok(Some(self.encode(&answer)?));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 };
                 let f48 = request.text(48).unwrap_or("").to_owned();
                 let batch = request
@@ -202,18 +292,18 @@ impl Posp {
                 );
                 if f48.len() != 62 || reported.0.is_none() || reported.1.is_none() {
                     answer.set(39, "30");
-                    return Ok(Some(self.encode(&answer)?));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 }
                 let balanced = reported == (Some(amount), Some(count));
                 let mut back = f48.clone();
                 back.replace_range(30..31, if balanced { "1" } else { "2" });
                 answer.set(48, back);
                 answer.set(39, "00");
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
             ("0820", "301") => {
                 answer.set(39, "00");
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
             ("0820", "002") => {
                 // Only the connection that signed a terminal in may sign it off.
@@ -228,7 +318,7 @@ impl Posp {
                 } else {
                     answer.set(39, "12");
                 }
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
             ("0320", _) | ("0200", _) | ("0220", _) | ("0400", _) => {
                 let terminal = match request.text(41) {
@@ -242,7 +332,7 @@ impl Posp {
                         .expect("sessions")
                         .remove(&t.terminal_no);
                     answer.set(39, "03");
-                    return Ok(Some(self.encode(&answer)?));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 }
                 // One registry read a message: the terminal found above gives the session. A
                 // terminal behind a commerce gateway speaks through it: its messages carry the
@@ -257,13 +347,13 @@ impl Posp {
                 });
                 let Some(session) = session else {
                     answer.set(39, "77");
-                    return Ok(Some(self.encode(&answer)?));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 };
                 let algorithm = self.profile.mac_algorithm;
                 if algorithm.is_none_or(|a| session.mac(a, &[]).is_err()) {
                     // The session cannot make this profile's MAC: fail closed.
                     answer.set(39, "A0");
-                    return Ok(Some(self.encode(&answer)?));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 }
                 let check = iso8583::decode_verified(&self.profile, bytes, |alg, mab| {
                     session.mac(alg, mab).unwrap_or([0; 8])
@@ -272,7 +362,7 @@ impl Posp {
                 .1;
                 if check != MacCheck::Valid {
                     answer.set(39, "A0");
-                    return Ok(Some(self.encode_maced(&answer, &session)?));
+                    return Ok(Some(Reply::Now(self.encode_maced(&answer, &session)?)));
                 }
                 let terminal_no = terminal.map(|t| t.terminal_no).unwrap_or_default();
                 let batch = request
@@ -281,7 +371,9 @@ impl Posp {
                     .unwrap_or("000000")
                     .to_owned();
                 match request.mti_str() {
-                    "0320" => self.upload(request, &mut answer).await?,
+                    "0320" => {
+                        return Ok(Some(self.upload_later(request, answer, session).await?));
+                    }
                     "0220" => {
                         self.upload(request, &mut answer).await?;
                         let original = request.text(61).unwrap_or("");
@@ -323,11 +415,11 @@ impl Posp {
                             .await?
                     }
                 }
-                Ok(Some(self.encode_maced(&answer, &session)?))
+                Ok(Some(Reply::Now(self.encode_maced(&answer, &session)?)))
             }
             _ => {
                 answer.set(39, "12");
-                Ok(Some(self.encode(&answer)?))
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
         }
     }
@@ -456,68 +548,121 @@ impl Posp {
         Ok(())
     }
 
-    /// Ingests the records of F58 (one from a POS; up to [`RECORDS_PER_MESSAGE_MAX`] from a
-    /// gateway): F48 answers one digit a record (0 posted, 1 duplicate, 2 quarantined); F39
-    /// is the only record's outcome (`00`, `94`, `Q1`), or `00` for several.
-    async fn upload(&self, request: &Message, answer: &mut Message) -> anyhow::Result<()> {
+    /// The records of F58: one from a POS, up to [`RECORDS_PER_MESSAGE_MAX`] from a gateway,
+    /// each with the batch F60.2 names; `None` if malformed.
+    fn uploaded_records(request: &Message) -> Option<Vec<app::ingest::OfflineRecord>> {
         let batch = request
             .text(60)
             .and_then(|t| t.get(2..8))
             .map(str::to_owned);
         let text = request.text(58).unwrap_or("");
-        let records: Option<Vec<_>> = if text.is_empty() || !text.len().is_multiple_of(RECORD_LEN) {
-            None
-        } else {
-            (0..text.len() / RECORD_LEN)
-                .map(|i| {
-                    parse_record(&text[i * RECORD_LEN..(i + 1) * RECORD_LEN]).map(|mut r| {
-                        r.batch = batch.clone();
-                        r
-                    })
+        if text.is_empty() || !text.len().is_multiple_of(RECORD_LEN) {
+            return None;
+        }
+        let records: Option<Vec<_>> = (0..text.len() / RECORD_LEN)
+            .map(|i| {
+                parse_record(&text[i * RECORD_LEN..(i + 1) * RECORD_LEN]).map(|mut r| {
+                    r.batch = batch.clone();
+                    r
                 })
-                .collect()
-        };
-        let Some(records) = records.filter(|r| r.len() <= RECORDS_PER_MESSAGE_MAX) else {
+            })
+            .collect();
+        records.filter(|r| r.len() <= RECORDS_PER_MESSAGE_MAX)
+    }
+
+    /// Ingests the records of an 0220 and answers in `answer`.
+    async fn upload(&self, request: &Message, answer: &mut Message) -> anyhow::Result<()> {
+        let Some(records) = Self::uploaded_records(request) else {
             answer.set(39, "30");
             return Ok(());
         };
-        let outcome = app::ingest::ingest(
-            &self.app,
-            self.module.as_ref(),
-            app::ingest::IngestPolicy::default(),
-            records,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let digits: String = outcome
-            .iter()
-            .map(|o| match o {
-                app::ingest::IngestOutcome::Posted { .. } => '0',
-                app::ingest::IngestOutcome::Duplicate => '1',
-                app::ingest::IngestOutcome::Quarantined { .. } => '2',
-            })
-            .collect();
-        answer.set(48, digits);
-        if outcome.len() > 1 {
-            answer.set(39, "00");
-            return Ok(());
-        }
-        match &outcome[0] {
-            app::ingest::IngestOutcome::Posted { .. } => answer.set(39, "00"),
-            app::ingest::IngestOutcome::Duplicate => answer.set(39, "94"),
-            app::ingest::IngestOutcome::Quarantined { reason } => {
-                let short: String = reason
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == ' ')
-                    .take(25)
-                    .collect();
-                answer.set(44, short);
-                answer.set(39, "Q1")
-            }
-        };
+        let outcome = self
+            .ingest_batched(records)
+            .await?
+            .await
+            .map_err(|_| anyhow::anyhow!("the ingest queue stopped"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        upload_answer(answer, &outcome);
         Ok(())
     }
+
+    /// An 0320: its records join the next ingest batch, and the answer follows when that
+    /// batch is done, while the connection goes on reading (a gateway sends many at once).
+    async fn upload_later(
+        &self,
+        request: &Message,
+        mut answer: Message,
+        session: Arc<TerminalSession>,
+    ) -> anyhow::Result<Reply> {
+        let Some(records) = Self::uploaded_records(request) else {
+            answer.set(39, "30");
+            return Ok(Reply::Now(self.encode_maced(&answer, &session)?));
+        };
+        let done = self.ingest_batched(records).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let profile = self.profile.clone();
+        tokio::spawn(async move {
+            let body = match done.await {
+                Ok(Ok(outcome)) => {
+                    upload_answer(&mut answer, &outcome);
+                    iso8583::encode_with_mac(&profile, &answer, |alg, mab| {
+                        session.mac(alg, mab).unwrap_or([0; 8])
+                    })
+                }
+                _ => {
+                    answer.set(39, "96");
+                    iso8583::encode(&profile, &answer)
+                }
+            };
+            match body {
+                Ok(b) => {
+                    let _ = tx.send(b);
+                }
+                Err(e) => tracing::error!(error = %e, "encoding an upload's answer"),
+            }
+        });
+        Ok(Reply::Later(rx))
+    }
 }
+
+/// An upload's answer: F48 one digit a record (0 posted, 1 duplicate, 2 quarantined); F39 the
+/// only record's outcome (`00`, `94`, `Q1` with the reason in F44), or `00` for several.
+fn upload_answer(answer: &mut Message, outcome: &[app::ingest::IngestOutcome]) {
+    let digits: String = outcome
+        .iter()
+        .map(|o| match o {
+            app::ingest::IngestOutcome::Posted { .. } => '0',
+            app::ingest::IngestOutcome::Duplicate => '1',
+            app::ingest::IngestOutcome::Quarantined { .. } => '2',
+        })
+        .collect();
+    answer.set(48, digits);
+    match outcome {
+        [app::ingest::IngestOutcome::Posted { .. }] => answer.set(39, "00"),
+        [app::ingest::IngestOutcome::Duplicate] => answer.set(39, "94"),
+        [app::ingest::IngestOutcome::Quarantined { reason }] => {
+            let short: String = reason
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == ' ')
+                .take(25)
+                .collect();
+            answer.set(44, short);
+            answer.set(39, "Q1")
+        }
+        _ => answer.set(39, "00"),
+    };
+}
+
+/// An answer to one message: ready now, or later (an upload waiting for its ingest batch).
+/// A connection writes its answers in the order of the requests either way.
+#[derive(Debug)]
+pub enum Reply {
+    Now(Vec<u8>),
+    Later(tokio::sync::oneshot::Receiver<Vec<u8>>),
+}
+
+/// Answers a connection may owe at once before it stops reading (pipelined uploads).
+pub const ANSWERS_OWED_MAX: usize = 256;
 
 /// What answers a front end's messages: the centre's [`Posp`], or a commerce gateway.
 pub trait Handler: Clone + Send + Sync + 'static {
@@ -525,13 +670,14 @@ pub trait Handler: Clone + Send + Sync + 'static {
     type Connection: Default + Send;
 
     /// Answers one message (the bytes after the header); `None` sends nothing back, an error
-    /// closes the connection.
+    /// closes the connection. Messages of one connection are handed over one at a time, in
+    /// order.
     fn handle<'a>(
         &'a self,
         message: &'a [u8],
         peer: &'a str,
         connection: &'a mut Self::Connection,
-    ) -> impl std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>> + Send + 'a;
+    ) -> impl std::future::Future<Output = anyhow::Result<Option<Reply>>> + Send + 'a;
 }
 
 impl Handler for Posp {
@@ -542,7 +688,7 @@ impl Handler for Posp {
         message: &'a [u8],
         peer: &'a str,
         signed_in: &'a mut Option<String>,
-    ) -> impl std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>> + Send + 'a {
+    ) -> impl std::future::Future<Output = anyhow::Result<Option<Reply>>> + Send + 'a {
         Posp::handle(self, message, peer, signed_in)
     }
 }
@@ -589,19 +735,25 @@ pub async fn serve_frames<H: Handler>(
 async fn connection<H: Handler>(
     handler: &H,
     config: &PospConfig,
-    mut stream: TcpStream,
+    stream: TcpStream,
 ) -> anyhow::Result<()> {
     let profile = Profile::cups_pos();
     let peer = stream.peer_addr()?.ip().to_string();
+    let (mut reader, mut writer) = stream.into_split();
     let mut state = H::Connection::default();
-    let mut frame_started: Option<std::time::Instant> = None;
+    let mut frame_started: Option<tokio::time::Instant> = None;
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
+    let mut chunk = [0u8; 16 * 1024];
     let idle = Duration::from_millis(config.idle_timeout_ms);
     let limit = Duration::from_millis(config.message_timeout_ms);
+    // Answers owed, in request order: the reply TPDU, the answer, its deadline.
+    let mut owed: std::collections::VecDeque<(Option<[u8; 5]>, Reply, tokio::time::Instant)> =
+        std::collections::VecDeque::new();
+    let mut out = Vec::with_capacity(4096);
+    let mut closed = false;
     loop {
-        // Answer every whole frame already received.
-        loop {
+        // Hand over every whole frame already received (while not owing too many answers).
+        while owed.len() < ANSWERS_OWED_MAX {
             let parsed = frame::split(&profile, &buf)
                 .map_err(|e| anyhow::anyhow!("{e}; closing the connection"))?;
             let Some((f, used)) = parsed else { break };
@@ -612,28 +764,83 @@ async fn connection<H: Handler>(
             let answer = tokio::time::timeout(limit, handler.handle(&request, &peer, &mut state))
                 .await
                 .map_err(|_| anyhow::anyhow!("a message took longer than {limit:?}"))??;
-            if let Some(body) = answer {
-                let out = frame::build(&profile, reply_tpdu, &HEADER, &body)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                stream.write_all(&out).await?;
+            if let Some(a) = answer {
+                owed.push_back((reply_tpdu, a, tokio::time::Instant::now() + limit));
             }
         }
-        // A frame begun must arrive whole within the message timeout (a terminal sending a
-        // byte now and then cannot hold a connection slot); between frames, the idle timeout
-        // applies.
-        let wait = if buf.is_empty() {
-            idle
-        } else {
-            let since = *frame_started.get_or_insert_with(std::time::Instant::now);
-            limit.saturating_sub(since.elapsed())
-        };
-        let n = tokio::time::timeout(wait, stream.read(&mut chunk))
-            .await
-            .map_err(|_| anyhow::anyhow!("no whole frame within {wait:?}"))??;
-        if n == 0 {
+        // Write the answers that are ready, in order.
+        out.clear();
+        while let Some((tpdu, reply, _)) = owed.front_mut() {
+            let body = match reply {
+                Reply::Now(b) => std::mem::take(b),
+                Reply::Later(rx) => match rx.try_recv() {
+                    Ok(b) => b,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        anyhow::bail!("an answer was lost; closing the connection")
+                    }
+                },
+            };
+            let framed = frame::build(&profile, *tpdu, &HEADER, &body)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            out.extend_from_slice(&framed);
+            owed.pop_front();
+        }
+        if !out.is_empty() {
+            writer.write_all(&out).await?;
+        }
+        if closed && owed.is_empty() {
             return Ok(());
         }
-        buf.extend_from_slice(&chunk[..n]);
+        // Wait for more bytes, or for the first answer owed. A frame begun must arrive whole
+        // within the message timeout (a terminal sending a byte now and then cannot hold a
+        // connection slot); between frames, the idle timeout applies.
+        let read_deadline = if buf.is_empty() {
+            tokio::time::Instant::now() + idle
+        } else {
+            *frame_started.get_or_insert_with(tokio::time::Instant::now) + limit
+        };
+        let can_read = !closed && owed.len() < ANSWERS_OWED_MAX;
+        let front = owed.front_mut().and_then(|(_, r, deadline)| match r {
+            Reply::Later(rx) => Some((rx, *deadline)),
+            Reply::Now(_) => None,
+        });
+        match front {
+            Some((rx, deadline)) => {
+                let mut ready = None;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {
+                        anyhow::bail!("a message took longer than {limit:?}")
+                    }
+                    r = rx => {
+                        ready = Some(r.map_err(|_| anyhow::anyhow!("an answer was lost"))?);
+                    }
+                    n = reader.read(&mut chunk), if can_read => {
+                        let n = n?;
+                        if n == 0 {
+                            closed = true;
+                        } else {
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                    }
+                }
+                if let (Some(body), Some(front)) = (ready, owed.front_mut()) {
+                    front.1 = Reply::Now(body);
+                }
+            }
+            None => {
+                if closed {
+                    return Ok(());
+                }
+                let n = tokio::time::timeout_at(read_deadline, reader.read(&mut chunk))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no whole frame within the time allowed"))??;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
     }
 }
 
