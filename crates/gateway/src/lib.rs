@@ -1107,13 +1107,13 @@ fn unwrap_session(tmk: &Tdes2Key, delegated: &[u8]) -> Option<TerminalSession> {
 impl Handler for Gateway {
     type Connection = ();
 
-    fn handle<'a>(
+    async fn handle<'a>(
         &'a self,
         message: &'a [u8],
         peer: &'a str,
         _connection: &'a mut (),
-    ) -> impl std::future::Future<Output = anyhow::Result<Option<posp::Reply>>> + Send + 'a {
-        async move { Ok(self.answer_pos(message, peer).await?.map(posp::Reply::Now)) }
+    ) -> anyhow::Result<Option<posp::Reply>> {
+        Ok(self.answer_pos(message, peer).await?.map(posp::Reply::Now))
     }
 }
 
