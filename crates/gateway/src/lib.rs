@@ -81,8 +81,8 @@ impl GatewayConfig {
             retry_ms: 1_000,
             blacklist_sync_ms: 30_000,
             lanes: 4,
-            window: 64,
-            chunk: 8_000,
+            window: 250,
+            chunk: 20_000,
             standin_day_limit_fen: app::authorise::AuthorisationPolicy::default().daily_limit_fen,
             utc_offset_minutes: 480,
             front: PospConfig::default(),
@@ -875,7 +875,13 @@ impl Gateway {
         let i = &self.inner;
         let out = i.outbox.clone();
         let chunk = i.config.chunk;
+        let round_started = std::time::Instant::now();
         let entries = tokio::task::spawn_blocking(move || out.pending(chunk)).await??;
+        tracing::debug!(
+            entries = entries.len(),
+            ms = round_started.elapsed().as_secs_f64() * 1e3,
+            "forwarding round read"
+        );
         if entries.is_empty() {
             return Ok(0);
         }
@@ -927,6 +933,11 @@ impl Gateway {
             }
         }
         let marked = done_all.len();
+        tracing::debug!(
+            marked,
+            ms = round_started.elapsed().as_secs_f64() * 1e3,
+            "forwarding round sent"
+        );
         if marked > 0 {
             let out = i.outbox.clone();
             let now = Self::now_ms();

@@ -546,7 +546,7 @@ pub struct GatewayArgs {
     /// Forwarding connections, and messages in flight on each.
     #[arg(long, default_value_t = 4)]
     lanes: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 250)]
     window: usize,
     #[arg(long, default_value_t = 1)]
     runs: usize,

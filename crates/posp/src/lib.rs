@@ -110,6 +110,7 @@ async fn ingest_batches(
             replies.push((j.records.len(), j.reply));
             records.extend(j.records);
         }
+        let started = std::time::Instant::now();
         let outcome = app::ingest::ingest(
             &app,
             module.as_ref(),
@@ -117,6 +118,12 @@ async fn ingest_batches(
             records,
         )
         .await;
+        tracing::debug!(
+            records = count,
+            uploads = replies.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "ingest batch"
+        );
         match outcome {
             Ok(all) => {
                 let mut all = all.into_iter();
