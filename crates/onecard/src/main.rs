@@ -1183,10 +1183,23 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
         "selling {total} times at {}/s through {addr} ({:?} mode)",
         args.rate, args.mode
     );
-    let report = sim::run(population, addr, &sim_config, move |done| {
-        println!("  {done}/{total} sales");
-    })
-    .await?;
+    // Each terminal makes the same number of sales (rounded up).
+    let terminals = args.terminals as u64;
+    let bar = indicatif::ProgressBar::new(total.div_ceil(terminals) * terminals);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} selling [{bar:40}] {pos}/{len} sales ({elapsed})",
+        )
+        .expect("template"),
+    );
+    let report = {
+        let bar = bar.clone();
+        sim::run(population, addr, &sim_config, move |done| {
+            bar.set_position(done as u64);
+        })
+        .await?
+    };
+    bar.finish();
     if let Some((_, gw)) = &gateway_dir {
         // Everything the gateway took must reach the centre before the report.
         let forwarded = gw.drain().await?;
