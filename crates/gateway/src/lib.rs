@@ -412,15 +412,16 @@ impl Gateway {
                 iso8583::decode(&i.profile, &bytes).map_err(|e| anyhow::anyhow!("{e}"))?
             };
             match answer.text(39) {
-                // The centre restarted (sessions are in its memory): sign in again, once.
-                Some("77") if attempt == 0 => {
+                // The centre restarted (sessions are in its memory), or the gateway signed in
+                // again on another connection meanwhile: sign in again, once.
+                Some("77" | "A0") if attempt == 0 && maced => {
                     self.sign_in(conn).await?;
                 }
                 Some("96") => anyhow::bail!("the centre answered 96 (system malfunction)"),
                 _ => return Ok(answer),
             }
         }
-        anyhow::bail!("the centre kept answering 77 after the gateway signed in again")
+        anyhow::bail!("the centre kept refusing the gateway's MAC after it signed in again")
     }
 
     // ---- the POS side ----
