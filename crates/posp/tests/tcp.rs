@@ -203,22 +203,22 @@ conformance! {
         {
             let mut lost = TcpStream::connect(addr).await.unwrap();
             let p = Profile::cups_pos();
-            let body = iso8583::encode_with_mac(&p, &auth("000110", ASN, 500), |_, mab| cups_ecb_mac(&mak, mab)).unwrap();
+            let body = iso8583::encode_with_mac(&p, &auth("000120", ASN, 500), |_, mab| cups_ecb_mac(&mak, mab)).unwrap();
             let out = frame::build(&p, Some([0x60, 0, 1, 0, 0]), &[0x60, 0x31, 0, 0x31, 0, 0], &body).unwrap();
             lost.write_all(&out).await.unwrap();
             drop(lost);
         }
         for _ in 0..100 {
-            let n = app.store().query("SELECT count(*) FROM authorisations WHERE stan = '000110'", &[]).await.unwrap()[0].int(0).unwrap();
+            let n = app.store().query("SELECT count(*) FROM authorisations WHERE stan = '000120'", &[]).await.unwrap()[0].int(0).unwrap();
             if n == 1 { break; }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        assert_eq!(exchange(&mut conn, &auth("000111", ASN, 1_000), Some(&mak)).await.text(39), Some("61"), "the unanswered approval holds the limit");
+        assert_eq!(exchange(&mut conn, &auth("000121", ASN, 1_000), Some(&mak)).await.text(39), Some("61"), "the unanswered approval holds the limit");
         let mut fresh = TcpStream::connect(addr).await.unwrap();
-        let late = Message::new("0400").with(3, "000000").with(4, "000000000500").with(11, "000110").with(39, "98")
-            .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001000110");
+        let late = Message::new("0400").with(3, "000000").with(4, "000000000500").with(11, "000120").with(39, "98")
+            .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001000120");
         assert_eq!(exchange(&mut fresh, &late, Some(&mak)).await.text(39), Some("00"));
-        assert_eq!(exchange(&mut conn, &auth("000112", ASN, 500), Some(&mak)).await.text(39), Some("00"), "the reversal freed it");
+        assert_eq!(exchange(&mut conn, &auth("000122", ASN, 500), Some(&mak)).await.text(39), Some("00"), "the reversal freed it");
         // A confirmation carries the record (posted already here: 94) and confirms the approval.
         let confirm = Message::new("0220").with(3, "000000").with(4, "000000001250").with(11, "000107")
             .with(41, "00000001").with(42, "000000000000001").with(49, "156")
