@@ -41,6 +41,10 @@ const CACHE_KIB: u32 = 64 * 1024;
 /// WAL pages written before SQLite copies them back into the database file. Larger than
 /// SQLite's default (1,000) so that pages rewritten by many commits are copied back once.
 const WAL_CHECKPOINT_PAGES: u32 = 10_000;
+/// Prepared statements the writer keeps (rusqlite's default is 16). A transaction such as an
+/// ingest batch runs more distinct statements than that, some of them large (multi-row
+/// inserts): with too small a cache each is parsed again every time.
+const STATEMENTS_CACHED_MAX: usize = 256;
 /// Read connections kept open between reads.
 const READERS_IDLE_MAX: usize = 8;
 
@@ -127,6 +131,7 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
          PRAGMA cache_size = -{CACHE_KIB}; PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}; \
          PRAGMA temp_store = MEMORY;"
     ))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
     Ok(conn)
 }
 
@@ -785,6 +790,12 @@ fn commit_transactions(conn: &mut Connection, group: Vec<TxJob>, commits: &Atomi
         tracing::error!(error = %e, "no write transaction could start; {} dropped", group.len());
         return;
     }
+    let mut group = group;
+    if group.len() == 1 {
+        let job = group.pop().expect("one job");
+        commit_alone(conn, job, commits);
+        return;
+    }
     for job in group {
         if let Err(e) = conn.execute_batch("SAVEPOINT work") {
             // Without a savepoint a failing job could leave half its writes: not run.
@@ -839,6 +850,47 @@ fn commit_transactions(conn: &mut Connection, group: Vec<TxJob>, commits: &Atomi
     for done in dones {
         done(committed.clone());
     }
+}
+
+/// Runs one transaction alone in the open write transaction, without a savepoint: rolling the
+/// whole transaction back does what rolling back its savepoint would. A savepoint makes SQLite
+/// copy every page the work first changes into a sub-journal, and each later statement's own
+/// statement journal is then released by walking that sub-journal from its start: for a large
+/// transaction (an ingest batch changes thousands of pages in thousands of statements) that
+/// cost more than the work itself.
+fn commit_alone(conn: &mut Connection, job: TxJob, commits: &AtomicU64) {
+    // A panic must not take the writer thread (and every later write) down.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
+    let (keep, done) = match ran {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!("a transaction panicked; it is rolled back");
+            let _ = conn.execute_batch("ROLLBACK");
+            // Its caller is answered by its dropped reply channel.
+            return;
+        }
+    };
+    // SQLite may have rolled the transaction back itself (disk full, I/O error).
+    if conn.is_autocommit() {
+        done(Err(
+            "SQLite ended the transaction (disk full or I/O error)".to_owned()
+        ));
+        return;
+    }
+    if !keep {
+        // Its own error is its answer.
+        let rolled_back = conn.execute_batch("ROLLBACK").map_err(|e| format!("{e}"));
+        done(rolled_back);
+        return;
+    }
+    let committed = conn.execute_batch("COMMIT").map_err(|e| format!("{e}"));
+    if committed.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    if committed.is_ok() {
+        commits.fetch_add(1, Ordering::Relaxed);
+    }
+    done(committed);
 }
 
 fn commit_group(
