@@ -390,25 +390,39 @@ async fn decide_and_write(
         }
     }
     // Under the locks (each card's purse account is locked by every batch that posts for
-    // it), the last posted counters: a batch that committed while we waited for a lock has
-    // moved them, so they are read only now.
+    // it), per card of the batch: the last posted counter (a batch that committed while we
+    // waited for a lock has moved it, so it is read only now), and the highest counter any
+    // record is stored under. A purchase record above the latter has no stored record under
+    // its key, so only the others are looked up one by one below. Each maximum is one index
+    // seek; one statement answers 500 cards.
+    let mut highest: HashMap<String, i64> = HashMap::new();
     for chunk in asns.chunks(500) {
-        let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+        let rows: Vec<String> = (2..chunk.len() + 2)
+            .map(|i| format!("(CAST(${i} AS TEXT))"))
+            .collect();
         let mut values: Vec<store::Value> = vec![i64::from(TX_EP_PURCHASE).into()];
         values.extend(chunk.iter().map(|a| store::Value::from(a.clone())));
         for row in tx
             .query(
                 &format!(
-                    "SELECT asn, max(counter) FROM offline_records WHERE tx_type = $1 \
-                     AND status = 0 AND asn IN ({}) GROUP BY asn",
-                    placeholders.join(", ")
+                    "SELECT v.column1, \
+                     (SELECT max(counter) FROM offline_records o WHERE o.asn = v.column1 \
+                      AND o.tx_type = $1 AND o.status = 0), \
+                     (SELECT max(counter) FROM offline_records o WHERE o.asn = v.column1 \
+                      AND o.tx_type = $1) \
+                     FROM (VALUES {}) AS v",
+                    rows.join(", ")
                 ),
                 &values,
             )
             .await?
         {
-            if let Some(Some(card)) = cards.get_mut(&row.text(0)?) {
+            let asn = row.text(0)?;
+            if let Some(Some(card)) = cards.get_mut(&asn) {
                 card.last_counter = row.opt_int(1)?.map(|l| l as u16);
+            }
+            if let Some(h) = row.opt_int(2)? {
+                highest.insert(asn, h);
             }
         }
     }
@@ -421,15 +435,23 @@ async fn decide_and_write(
         // A record already here under this key (stored, or earlier in this batch)?
         let key = (r.asn.clone(), r.tx_type, r.counter);
         let mut existing: Vec<Stored> = pending.get(&key).cloned().unwrap_or_default();
-        for row in tx
-            .query(
+        // Nothing is stored under a purchase counter above the card's highest stored one.
+        let maybe_stored = r.tx_type != TX_EP_PURCHASE
+            || highest
+                .get(&r.asn)
+                .is_some_and(|&h| i64::from(r.counter) <= h);
+        let stored = if maybe_stored {
+            tx.query(
                 "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason \
                  FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3 \
                  AND resolved_at IS NULL",
                 params![r.asn.clone(), i64::from(r.tx_type), i64::from(r.counter)],
             )
             .await?
-        {
+        } else {
+            Vec::new()
+        };
+        for row in stored {
             existing.push(Stored {
                 posted: row.int(0)? == 0,
                 tac: row.blob(1)?,
