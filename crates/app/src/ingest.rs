@@ -192,8 +192,34 @@ fn check(
     }
 }
 
-/// Records inserted per statement (14 parameters each).
+/// Records inserted per statement.
 const RECORD_ROWS_PER_INSERT: usize = 200;
+/// Values per inserted record.
+const RECORD_COLUMNS: usize = 14;
+
+/// `INSERT INTO offline_records ...` with `rows` rows of parameters.
+fn insert_records_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
+         balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at, batch) \
+         VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for k in 0..RECORD_COLUMNS {
+            if k > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&(i * RECORD_COLUMNS + k + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
 
 /// A record under some key, stored or earlier in the batch.
 #[derive(Clone)]
@@ -409,7 +435,7 @@ async fn decide_and_write(
                      (SELECT max(counter) FROM offline_records o WHERE o.asn = v.column1 \
                       AND o.tx_type = $1 AND o.status = 0), \
                      (SELECT max(counter) FROM offline_records o WHERE o.asn = v.column1 \
-                      AND o.tx_type = $1) \
+                      AND o.tx_type = $1 AND o.status = 1) \
                      FROM (VALUES {}) AS v",
                     rows.join(", ")
                 ),
@@ -418,16 +444,22 @@ async fn decide_and_write(
             .await?
         {
             let asn = row.text(0)?;
+            let (posted, quarantined) = (row.opt_int(1)?, row.opt_int(2)?);
             if let Some(Some(card)) = cards.get_mut(&asn) {
-                card.last_counter = row.opt_int(1)?.map(|l| l as u16);
+                card.last_counter = posted.map(|l| l as u16);
             }
-            if let Some(h) = row.opt_int(2)? {
+            if let Some(h) = posted.max(quarantined) {
                 highest.insert(asn, h);
             }
         }
     }
     let mut transfers: Vec<Transfer> = Vec::new();
-    let mut rows: Vec<Vec<store::Value>> = Vec::with_capacity(checked.len());
+    // The record rows, RECORD_COLUMNS values each.
+    let mut rows: Vec<store::Value> = Vec::with_capacity(checked.len() * RECORD_COLUMNS);
+    // Randomness for the transfer ids, taken from the system once for the whole batch.
+    let mut random = vec![0u8; checked.len() * crate::TRANSFER_ID_RANDOM_BYTES];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+    let mut random = random.chunks_exact(crate::TRANSFER_ID_RANDOM_BYTES);
     let mut pending: HashMap<(String, u8, u16), Vec<Stored>> = HashMap::new();
     for c in checked.iter_mut() {
         let r = &c.record;
@@ -441,10 +473,16 @@ async fn decide_and_write(
                 .get(&r.asn)
                 .is_some_and(|&h| i64::from(r.counter) <= h);
         let stored = if maybe_stored {
+            // Posted and quarantined records have an index each (both partial).
             tx.query(
-                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason \
+                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason, id \
                  FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3 \
-                 AND resolved_at IS NULL",
+                 AND status = 0 \
+                 UNION ALL \
+                 SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason, id \
+                 FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3 \
+                 AND status = 1 AND resolved_at IS NULL \
+                 ORDER BY 8",
                 params![r.asn.clone(), i64::from(r.tx_type), i64::from(r.counter)],
             )
             .await?
@@ -492,7 +530,7 @@ async fn decide_and_write(
                 r.counter, r.asn
             ));
         }
-        let terminal = terminals.get(&terminal_no).cloned().flatten();
+        let terminal = terminals.get(&terminal_no).and_then(Option::as_ref);
         if reason.is_none() {
             reason = match &terminal {
                 None => Some(format!("unknown terminal {terminal_no}")),
@@ -627,7 +665,14 @@ async fn decide_and_write(
                     .and_then(|t| t.merchant_account_id)
                     .and_then(AccountId::new)
                     .expect("checked above");
-                let id = crate::new_transfer_id(now);
+                let id = crate::transfer_id_from(
+                    now,
+                    random
+                        .next()
+                        .expect("randomness for every record")
+                        .try_into()
+                        .expect("TRANSFER_ID_RANDOM_BYTES"),
+                );
                 transfers.push(crate::single(
                     id,
                     card.purse,
@@ -647,7 +692,7 @@ async fn decide_and_write(
         } else {
             vec![0; 4]
         };
-        rows.push(vec![
+        rows.extend([
             r.asn.clone().into(),
             i64::from(r.counter).into(),
             i64::from(r.tx_type).into(),
@@ -681,28 +726,17 @@ async fn decide_and_write(
         });
     }
     // The records, many a statement.
-    for chunk in rows.chunks(RECORD_ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
-             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at, batch) \
-             VALUES ",
-        );
-        let mut values = Vec::with_capacity(chunk.len() * 14);
-        for (i, row) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for k in 0..14 {
-                if k > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("${}", i * 14 + k + 1));
-            }
-            sql.push(')');
-            values.extend(row.iter().cloned());
-        }
-        tx.execute(&sql, &values).await?;
+    let mut full_sql = None;
+    for chunk in rows.chunks(RECORD_ROWS_PER_INSERT * RECORD_COLUMNS) {
+        let n = chunk.len() / RECORD_COLUMNS;
+        let sql = if n == RECORD_ROWS_PER_INSERT {
+            full_sql
+                .get_or_insert_with(|| insert_records_sql(n))
+                .as_str()
+        } else {
+            &insert_records_sql(n)
+        };
+        tx.execute(sql, chunk).await?;
     }
     // The shadows were checked under the locks: every transfer must apply.
     crate::post_all(tx, &transfers, now).await?;

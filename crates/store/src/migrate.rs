@@ -62,6 +62,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "quarantine_release",
         sql: include_str!("../migrations/sqlite/0007_quarantine_release.sql"),
     },
+    Source {
+        version: 8,
+        name: "record_key_index",
+        sql: include_str!("../migrations/sqlite/0008_record_key_index.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -99,6 +104,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 7,
         name: "quarantine_release",
         sql: include_str!("../migrations/postgres/0007_quarantine_release.sql"),
+    },
+    Source {
+        version: 8,
+        name: "record_key_index",
+        sql: include_str!("../migrations/postgres/0008_record_key_index.sql"),
     },
 ];
 
