@@ -989,22 +989,20 @@ fn write_changes(
     links: &[Link],
     heads: &Heads,
 ) -> anyhow::Result<()> {
-    let mut update = tx.prepare_cached(
-        "UPDATE accounts SET status = ?2, debits_posted = ?3, credits_posted = ?4, \
-         debits_pending = ?5, credits_pending = ?6, last_seq = COALESCE(?7, last_seq) \
-         WHERE id = ?1",
-    )?;
-    for a in &changes.accounts {
-        let n = update.execute(params![
-            a.id.get(),
-            a.status.code(),
-            a.debits_posted.get(),
-            a.credits_posted.get(),
-            a.debits_pending.get(),
-            a.credits_pending.get(),
-            heads.get(&a.id).copied().flatten()
-        ])?;
-        anyhow::ensure!(n == 1, "account {} vanished during a commit", a.id);
+    // Many accounts per statement (an UPDATE from a list of VALUES): one statement, with its
+    // statement journal, instead of one per account.
+    let full = update_accounts_sql(UPDATE_ROWS_PER_STATEMENT);
+    let mut chunks = changes.accounts.chunks_exact(UPDATE_ROWS_PER_STATEMENT);
+    for chunk in chunks.by_ref() {
+        update_accounts(&mut tx.prepare_cached(&full)?, chunk, heads)?;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        update_accounts(
+            &mut tx.prepare_cached(&update_accounts_sql(rest.len()))?,
+            rest,
+            heads,
+        )?;
     }
     // Many rows per statement: one statement step instead of one per transfer.
     let full = insert_transfers_sql(INSERT_ROWS_PER_STATEMENT);
@@ -1034,6 +1032,56 @@ fn write_changes(
             h.state.code()
         ])?;
     }
+    Ok(())
+}
+
+/// Accounts updated by one statement.
+const UPDATE_ROWS_PER_STATEMENT: usize = 64;
+/// Parameters per updated account.
+const ACCOUNT_PARAMS: usize = 7;
+
+fn update_accounts_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "UPDATE accounts SET status = v.column2, debits_posted = v.column3, \
+         credits_posted = v.column4, debits_pending = v.column5, credits_pending = v.column6, \
+         last_seq = COALESCE(v.column7, accounts.last_seq) FROM (VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        let params: Vec<String> = (1..=ACCOUNT_PARAMS)
+            .map(|k| format!("?{}", i * ACCOUNT_PARAMS + k))
+            .collect();
+        sql.push_str(&format!("({})", params.join(",")));
+    }
+    sql.push_str(") AS v WHERE accounts.id = v.column1");
+    sql
+}
+
+/// Writes accounts' sums, status and chain heads; each must exist.
+fn update_accounts(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    accounts: &[Account],
+    heads: &Heads,
+) -> anyhow::Result<()> {
+    for (i, a) in accounts.iter().enumerate() {
+        let p = i * ACCOUNT_PARAMS;
+        stmt.raw_bind_parameter(p + 1, a.id.get())?;
+        stmt.raw_bind_parameter(p + 2, a.status.code())?;
+        stmt.raw_bind_parameter(p + 3, a.debits_posted.get())?;
+        stmt.raw_bind_parameter(p + 4, a.credits_posted.get())?;
+        stmt.raw_bind_parameter(p + 5, a.debits_pending.get())?;
+        stmt.raw_bind_parameter(p + 6, a.credits_pending.get())?;
+        stmt.raw_bind_parameter(p + 7, heads.get(&a.id).copied().flatten())?;
+    }
+    let n = stmt.raw_execute()?;
+    anyhow::ensure!(
+        n == accounts.len(),
+        "{} of the accounts {:?} vanished during a commit",
+        accounts.len() - n,
+        accounts.iter().map(|a| a.id.get()).collect::<Vec<_>>()
+    );
     Ok(())
 }
 
