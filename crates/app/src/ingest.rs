@@ -192,8 +192,34 @@ fn check(
     }
 }
 
-/// Records inserted per statement (14 parameters each).
+/// Records inserted per statement.
 const RECORD_ROWS_PER_INSERT: usize = 200;
+/// Values per inserted record.
+const RECORD_COLUMNS: usize = 14;
+
+/// `INSERT INTO offline_records ...` with `rows` rows of parameters.
+fn insert_records_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
+         balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at, batch) \
+         VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for k in 0..RECORD_COLUMNS {
+            if k > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&(i * RECORD_COLUMNS + k + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
 
 /// A record under some key, stored or earlier in the batch.
 #[derive(Clone)]
@@ -390,30 +416,50 @@ async fn decide_and_write(
         }
     }
     // Under the locks (each card's purse account is locked by every batch that posts for
-    // it), the last posted counters: a batch that committed while we waited for a lock has
-    // moved them, so they are read only now.
+    // it), per card of the batch: the last posted counter (a batch that committed while we
+    // waited for a lock has moved it, so it is read only now), and the highest counter any
+    // record is stored under. A purchase record above the latter has no stored record under
+    // its key, so only the others are looked up one by one below. Each maximum is one index
+    // seek; one statement answers 500 cards.
+    let mut highest: HashMap<String, i64> = HashMap::new();
     for chunk in asns.chunks(500) {
-        let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+        let rows: Vec<String> = (2..chunk.len() + 2)
+            .map(|i| format!("(CAST(${i} AS TEXT))"))
+            .collect();
         let mut values: Vec<store::Value> = vec![i64::from(TX_EP_PURCHASE).into()];
         values.extend(chunk.iter().map(|a| store::Value::from(a.clone())));
         for row in tx
             .query(
                 &format!(
-                    "SELECT asn, max(counter) FROM offline_records WHERE tx_type = $1 \
-                     AND status = 0 AND asn IN ({}) GROUP BY asn",
-                    placeholders.join(", ")
+                    "SELECT v.column1, \
+                     (SELECT max(counter) FROM offline_records o WHERE o.asn = v.column1 \
+                      AND o.tx_type = $1 AND o.status = 0), \
+                     (SELECT max(counter) FROM offline_records o WHERE o.asn = v.column1 \
+                      AND o.tx_type = $1 AND o.status = 1) \
+                     FROM (VALUES {}) AS v",
+                    rows.join(", ")
                 ),
                 &values,
             )
             .await?
         {
-            if let Some(Some(card)) = cards.get_mut(&row.text(0)?) {
-                card.last_counter = row.opt_int(1)?.map(|l| l as u16);
+            let asn = row.text(0)?;
+            let (posted, quarantined) = (row.opt_int(1)?, row.opt_int(2)?);
+            if let Some(Some(card)) = cards.get_mut(&asn) {
+                card.last_counter = posted.map(|l| l as u16);
+            }
+            if let Some(h) = posted.max(quarantined) {
+                highest.insert(asn, h);
             }
         }
     }
     let mut transfers: Vec<Transfer> = Vec::new();
-    let mut rows: Vec<Vec<store::Value>> = Vec::with_capacity(checked.len());
+    // The record rows, RECORD_COLUMNS values each.
+    let mut rows: Vec<store::Value> = Vec::with_capacity(checked.len() * RECORD_COLUMNS);
+    // Randomness for the transfer ids, taken from the system once for the whole batch.
+    let mut random = vec![0u8; checked.len() * crate::TRANSFER_ID_RANDOM_BYTES];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+    let mut random = random.chunks_exact(crate::TRANSFER_ID_RANDOM_BYTES);
     let mut pending: HashMap<(String, u8, u16), Vec<Stored>> = HashMap::new();
     for c in checked.iter_mut() {
         let r = &c.record;
@@ -421,15 +467,29 @@ async fn decide_and_write(
         // A record already here under this key (stored, or earlier in this batch)?
         let key = (r.asn.clone(), r.tx_type, r.counter);
         let mut existing: Vec<Stored> = pending.get(&key).cloned().unwrap_or_default();
-        for row in tx
-            .query(
-                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason \
+        // Nothing is stored under a purchase counter above the card's highest stored one.
+        let maybe_stored = r.tx_type != TX_EP_PURCHASE
+            || highest
+                .get(&r.asn)
+                .is_some_and(|&h| i64::from(r.counter) <= h);
+        let stored = if maybe_stored {
+            // Posted and quarantined records have an index each (both partial).
+            tx.query(
+                "SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason, id \
                  FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3 \
-                 AND resolved_at IS NULL",
+                 AND status = 0 \
+                 UNION ALL \
+                 SELECT status, tac, amount_fen, terminal_no, ttc, tx_at, reason, id \
+                 FROM offline_records WHERE asn = $1 AND tx_type = $2 AND counter = $3 \
+                 AND status = 1 AND resolved_at IS NULL \
+                 ORDER BY 8",
                 params![r.asn.clone(), i64::from(r.tx_type), i64::from(r.counter)],
             )
             .await?
-        {
+        } else {
+            Vec::new()
+        };
+        for row in stored {
             existing.push(Stored {
                 posted: row.int(0)? == 0,
                 tac: row.blob(1)?,
@@ -470,7 +530,7 @@ async fn decide_and_write(
                 r.counter, r.asn
             ));
         }
-        let terminal = terminals.get(&terminal_no).cloned().flatten();
+        let terminal = terminals.get(&terminal_no).and_then(Option::as_ref);
         if reason.is_none() {
             reason = match &terminal {
                 None => Some(format!("unknown terminal {terminal_no}")),
@@ -605,7 +665,14 @@ async fn decide_and_write(
                     .and_then(|t| t.merchant_account_id)
                     .and_then(AccountId::new)
                     .expect("checked above");
-                let id = crate::new_transfer_id(now);
+                let id = crate::transfer_id_from(
+                    now,
+                    random
+                        .next()
+                        .expect("randomness for every record")
+                        .try_into()
+                        .expect("TRANSFER_ID_RANDOM_BYTES"),
+                );
                 transfers.push(crate::single(
                     id,
                     card.purse,
@@ -625,7 +692,7 @@ async fn decide_and_write(
         } else {
             vec![0; 4]
         };
-        rows.push(vec![
+        rows.extend([
             r.asn.clone().into(),
             i64::from(r.counter).into(),
             i64::from(r.tx_type).into(),
@@ -659,28 +726,17 @@ async fn decide_and_write(
         });
     }
     // The records, many a statement.
-    for chunk in rows.chunks(RECORD_ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT INTO offline_records (asn, counter, tx_type, terminal_no, ttc, amount_fen, \
-             balance_before_fen, tx_at, tac, status, reason, transfer_id, received_at, batch) \
-             VALUES ",
-        );
-        let mut values = Vec::with_capacity(chunk.len() * 14);
-        for (i, row) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for k in 0..14 {
-                if k > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("${}", i * 14 + k + 1));
-            }
-            sql.push(')');
-            values.extend(row.iter().cloned());
-        }
-        tx.execute(&sql, &values).await?;
+    let mut full_sql = None;
+    for chunk in rows.chunks(RECORD_ROWS_PER_INSERT * RECORD_COLUMNS) {
+        let n = chunk.len() / RECORD_COLUMNS;
+        let sql = if n == RECORD_ROWS_PER_INSERT {
+            full_sql
+                .get_or_insert_with(|| insert_records_sql(n))
+                .as_str()
+        } else {
+            &insert_records_sql(n)
+        };
+        tx.execute(sql, chunk).await?;
     }
     // The shadows were checked under the locks: every transfer must apply.
     crate::post_all(tx, &transfers, now).await?;

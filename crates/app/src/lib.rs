@@ -226,8 +226,19 @@ impl App {
 
 /// A time-ordered transfer id for `now` (UUIDv7 layout).
 pub fn new_transfer_id(now: Timestamp) -> TransferId {
-    let mut random = [0u8; 10];
+    let mut random = [0u8; TRANSFER_ID_RANDOM_BYTES];
     getrandom::fill(&mut random).expect("the operating system's random generator");
+    transfer_id_from(now, random)
+}
+
+/// Random bytes a transfer id takes.
+pub(crate) const TRANSFER_ID_RANDOM_BYTES: usize = 10;
+
+/// [`new_transfer_id`] from randomness the caller took (once for many ids).
+pub(crate) fn transfer_id_from(
+    now: Timestamp,
+    random: [u8; TRANSFER_ID_RANDOM_BYTES],
+) -> TransferId {
     let ms = u128::from(now.0.max(0) as u64 & 0xffff_ffff_ffff);
     let mut rest = 0u128;
     for b in random {

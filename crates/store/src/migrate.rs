@@ -67,6 +67,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "gateways",
         sql: include_str!("../migrations/sqlite/0008_gateways.sql"),
     },
+    Source {
+        version: 9,
+        name: "record_key_index",
+        sql: include_str!("../migrations/sqlite/0009_record_key_index.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -109,6 +114,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 8,
         name: "gateways",
         sql: include_str!("../migrations/postgres/0008_gateways.sql"),
+    },
+    Source {
+        version: 9,
+        name: "record_key_index",
+        sql: include_str!("../migrations/postgres/0009_record_key_index.sql"),
     },
 ];
 

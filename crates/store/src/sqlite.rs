@@ -41,6 +41,10 @@ const CACHE_KIB: u32 = 64 * 1024;
 /// WAL pages written before SQLite copies them back into the database file. Larger than
 /// SQLite's default (1,000) so that pages rewritten by many commits are copied back once.
 const WAL_CHECKPOINT_PAGES: u32 = 10_000;
+/// Prepared statements the writer keeps (rusqlite's default is 16). A transaction such as an
+/// ingest batch runs more distinct statements than that, some of them large (multi-row
+/// inserts): with too small a cache each is parsed again every time.
+const STATEMENTS_CACHED_MAX: usize = 256;
 /// Read connections kept open between reads.
 const READERS_IDLE_MAX: usize = 8;
 
@@ -127,6 +131,7 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
          PRAGMA cache_size = -{CACHE_KIB}; PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}; \
          PRAGMA temp_store = MEMORY;"
     ))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
     Ok(conn)
 }
 
@@ -785,6 +790,12 @@ fn commit_transactions(conn: &mut Connection, group: Vec<TxJob>, commits: &Atomi
         tracing::error!(error = %e, "no write transaction could start; {} dropped", group.len());
         return;
     }
+    let mut group = group;
+    if group.len() == 1 {
+        let job = group.pop().expect("one job");
+        commit_alone(conn, job, commits);
+        return;
+    }
     for job in group {
         if let Err(e) = conn.execute_batch("SAVEPOINT work") {
             // Without a savepoint a failing job could leave half its writes: not run.
@@ -839,6 +850,47 @@ fn commit_transactions(conn: &mut Connection, group: Vec<TxJob>, commits: &Atomi
     for done in dones {
         done(committed.clone());
     }
+}
+
+/// Runs one transaction alone in the open write transaction, without a savepoint: rolling the
+/// whole transaction back does what rolling back its savepoint would. A savepoint makes SQLite
+/// copy every page the work first changes into a sub-journal, and each later statement's own
+/// statement journal is then released by walking that sub-journal from its start: for a large
+/// transaction (an ingest batch changes thousands of pages in thousands of statements) that
+/// cost more than the work itself.
+fn commit_alone(conn: &mut Connection, job: TxJob, commits: &AtomicU64) {
+    // A panic must not take the writer thread (and every later write) down.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
+    let (keep, done) = match ran {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!("a transaction panicked; it is rolled back");
+            let _ = conn.execute_batch("ROLLBACK");
+            // Its caller is answered by its dropped reply channel.
+            return;
+        }
+    };
+    // SQLite may have rolled the transaction back itself (disk full, I/O error).
+    if conn.is_autocommit() {
+        done(Err(
+            "SQLite ended the transaction (disk full or I/O error)".to_owned()
+        ));
+        return;
+    }
+    if !keep {
+        // Its own error is its answer.
+        let rolled_back = conn.execute_batch("ROLLBACK").map_err(|e| format!("{e}"));
+        done(rolled_back);
+        return;
+    }
+    let committed = conn.execute_batch("COMMIT").map_err(|e| format!("{e}"));
+    if committed.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    if committed.is_ok() {
+        commits.fetch_add(1, Ordering::Relaxed);
+    }
+    done(committed);
 }
 
 fn commit_group(
@@ -937,22 +989,20 @@ fn write_changes(
     links: &[Link],
     heads: &Heads,
 ) -> anyhow::Result<()> {
-    let mut update = tx.prepare_cached(
-        "UPDATE accounts SET status = ?2, debits_posted = ?3, credits_posted = ?4, \
-         debits_pending = ?5, credits_pending = ?6, last_seq = COALESCE(?7, last_seq) \
-         WHERE id = ?1",
-    )?;
-    for a in &changes.accounts {
-        let n = update.execute(params![
-            a.id.get(),
-            a.status.code(),
-            a.debits_posted.get(),
-            a.credits_posted.get(),
-            a.debits_pending.get(),
-            a.credits_pending.get(),
-            heads.get(&a.id).copied().flatten()
-        ])?;
-        anyhow::ensure!(n == 1, "account {} vanished during a commit", a.id);
+    // Many accounts per statement (an UPDATE from a list of VALUES): one statement, with its
+    // statement journal, instead of one per account.
+    let full = update_accounts_sql(UPDATE_ROWS_PER_STATEMENT);
+    let mut chunks = changes.accounts.chunks_exact(UPDATE_ROWS_PER_STATEMENT);
+    for chunk in chunks.by_ref() {
+        update_accounts(&mut tx.prepare_cached(&full)?, chunk, heads)?;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        update_accounts(
+            &mut tx.prepare_cached(&update_accounts_sql(rest.len()))?,
+            rest,
+            heads,
+        )?;
     }
     // Many rows per statement: one statement step instead of one per transfer.
     let full = insert_transfers_sql(INSERT_ROWS_PER_STATEMENT);
@@ -982,6 +1032,56 @@ fn write_changes(
             h.state.code()
         ])?;
     }
+    Ok(())
+}
+
+/// Accounts updated by one statement.
+const UPDATE_ROWS_PER_STATEMENT: usize = 64;
+/// Parameters per updated account.
+const ACCOUNT_PARAMS: usize = 7;
+
+fn update_accounts_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "UPDATE accounts SET status = v.column2, debits_posted = v.column3, \
+         credits_posted = v.column4, debits_pending = v.column5, credits_pending = v.column6, \
+         last_seq = COALESCE(v.column7, accounts.last_seq) FROM (VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        let params: Vec<String> = (1..=ACCOUNT_PARAMS)
+            .map(|k| format!("?{}", i * ACCOUNT_PARAMS + k))
+            .collect();
+        sql.push_str(&format!("({})", params.join(",")));
+    }
+    sql.push_str(") AS v WHERE accounts.id = v.column1");
+    sql
+}
+
+/// Writes accounts' sums, status and chain heads; each must exist.
+fn update_accounts(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    accounts: &[Account],
+    heads: &Heads,
+) -> anyhow::Result<()> {
+    for (i, a) in accounts.iter().enumerate() {
+        let p = i * ACCOUNT_PARAMS;
+        stmt.raw_bind_parameter(p + 1, a.id.get())?;
+        stmt.raw_bind_parameter(p + 2, a.status.code())?;
+        stmt.raw_bind_parameter(p + 3, a.debits_posted.get())?;
+        stmt.raw_bind_parameter(p + 4, a.credits_posted.get())?;
+        stmt.raw_bind_parameter(p + 5, a.debits_pending.get())?;
+        stmt.raw_bind_parameter(p + 6, a.credits_pending.get())?;
+        stmt.raw_bind_parameter(p + 7, heads.get(&a.id).copied().flatten())?;
+    }
+    let n = stmt.raw_execute()?;
+    anyhow::ensure!(
+        n == accounts.len(),
+        "{} of the accounts {:?} vanished during a commit",
+        accounts.len() - n,
+        accounts.iter().map(|a| a.id.get()).collect::<Vec<_>>()
+    );
     Ok(())
 }
 
