@@ -686,11 +686,11 @@ async fn offline_fixture(
     let actor = app::Actor::cli();
     // Cards, each with a purse shadow to spend.
     let first = "10000000000000000001";
-    app::stock::receive(&app, &actor, first, cards as u64, "bench").await?;
-    app::stock::initialise(&app, &actor, first, cards as u64).await?;
+    app::stock::receive(app, &actor, first, cards as u64, "bench").await?;
+    app::stock::initialise(app, &actor, first, cards as u64).await?;
     let csv = app::demo::cardholders_csv(cards, 1, 7);
     app::cardholders::import_csv(
-        &app,
+        app,
         &actor,
         csv.as_bytes(),
         app::cardholders::ImportOptions {
