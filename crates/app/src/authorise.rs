@@ -13,10 +13,19 @@
 //! - No money moves here: the card's purse pays, and its record (the confirmation or an
 //!   upload) posts through offline-record ingest.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
 use store::{Tx, params};
+use tokio::sync::oneshot;
 
 use crate::App;
 use crate::error::AppResult;
+
+/// Most authorisations decided in one PostgreSQL transaction.
+pub const AUTHORISATIONS_PER_GROUP_MAX: usize = 256;
+/// Most authorisation groups in flight at once on PostgreSQL (each holds a pooled connection).
+pub const AUTHORISATION_GROUPS_AT_ONCE: usize = 3;
 
 /// The limits of online authorisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +101,27 @@ pub async fn authorise(
     policy: AuthorisationPolicy,
     req: AuthorisationRequest,
 ) -> AppResult<Authorisation> {
+    if app.store().backend_name() == "postgres" {
+        // Authorisations waiting together share one transaction (see [`Groups`]); if their
+        // group fails (another process inserted one of its traces first, say), each is decided
+        // again alone below, where nothing of the group was kept.
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            policy,
+            req: req.clone(),
+            now: app.now().0,
+            today: app.local_date(0),
+            reply,
+        };
+        if app.authorisation_groups().push(pending) {
+            tokio::spawn(lead_groups(app.clone()));
+        }
+        match answer.await {
+            Ok(Ok(a)) => return Ok(a),
+            Ok(Err(e)) => tracing::debug!("authorisation group failed, deciding alone: {e:#}"),
+            Err(_) => tracing::debug!("authorisation group dropped, deciding alone"),
+        }
+    }
     // The same trace twice at once (PostgreSQL): one inserts, the other fails on the key and
     // rolls back whole; once more, it finds the first one's answer.
     match authorise_once(app, policy, req.clone()).await {
@@ -116,12 +146,7 @@ async fn authorise_once(
                     stored(tx, &req.terminal_no, &req.batch, &req.stan).await?
                 {
                     // The same trace again: the first answer, whatever happened since.
-                    let same = asn == req.asn && amount == req.amount_fen;
-                    return Ok(Authorisation {
-                        response_code: if same { code } else { "94".into() },
-                        auth_code: (same && status != DECLINED).then(|| auth_code(id)),
-                        replayed: true,
-                    });
+                    return Ok(replayed(&req, id, status, &code, &asn, amount));
                 }
                 let code = decide(tx, &policy, &req, &today).await?;
                 let status = if code == "00" { APPROVED } else { DECLINED };
@@ -160,27 +185,23 @@ async fn decide(
     req: &AuthorisationRequest,
     today: &str,
 ) -> anyhow::Result<String> {
-    if req.amount_fen <= 0 || req.amount_fen > policy.amount_fen_max {
+    if amount_refused(policy, req) {
         return Ok("13".into());
     }
-    let Some(card) = tx
+    let card = tx
         .query_opt(
             "SELECT status, expires_on FROM cards WHERE asn = $1",
             params![req.asn.clone()],
         )
         .await?
-    else {
-        return Ok("14".into());
-    };
-    if card.int(0)? != crate::cards::CardStatus::Active.code() {
-        return Ok("41".into());
-    }
-    if card.text(1)?.as_str() < today {
-        return Ok("54".into());
+        .map(|c| anyhow::Ok((c.int(0)?, c.text(1)?)))
+        .transpose()?;
+    if let Some(code) = card_refusal(card.as_ref(), today) {
+        return Ok(code.into());
     }
     // The card's approved (and confirmed) amounts today, under a lock per card so two
     // terminals cannot both fit under the limit.
-    tx.advisory_lock(&format!("card-day:{}", req.asn)).await?;
+    tx.advisory_lock(&day_lock(&req.asn)).await?;
     let used = tx
         .query_one(
             "SELECT CAST(COALESCE(SUM(amount_fen), 0) AS BIGINT) FROM authorisations \
@@ -189,10 +210,344 @@ async fn decide(
         )
         .await?
         .int(0)?;
-    if used + req.amount_fen > policy.daily_limit_fen {
-        return Ok("61".into());
+    Ok(limit_code(policy, req, used).into())
+}
+
+/// The lock that serialises a card's daily total.
+fn day_lock(asn: &str) -> String {
+    format!("card-day:{asn}")
+}
+
+/// `13`: an amount that is not allowed.
+fn amount_refused(policy: &AuthorisationPolicy, req: &AuthorisationRequest) -> bool {
+    req.amount_fen <= 0 || req.amount_fen > policy.amount_fen_max
+}
+
+/// The card (status, expires_on): `14` unknown, `41` not active, `54` expired, or fine.
+fn card_refusal(card: Option<&(i64, String)>, today: &str) -> Option<&'static str> {
+    let Some((status, expires_on)) = card else {
+        return Some("14");
+    };
+    if *status != crate::cards::CardStatus::Active.code() {
+        return Some("41");
     }
-    Ok("00".into())
+    if expires_on.as_str() < today {
+        return Some("54");
+    }
+    None
+}
+
+/// `61` when today's approved amounts `used` plus this one pass the daily limit, else `00`.
+fn limit_code(policy: &AuthorisationPolicy, req: &AuthorisationRequest, used: i64) -> &'static str {
+    if used + req.amount_fen > policy.daily_limit_fen {
+        "61"
+    } else {
+        "00"
+    }
+}
+
+/// The answer to a trace seen before: the first answer if card and amount match, else `94`.
+fn replayed(
+    req: &AuthorisationRequest,
+    id: i64,
+    status: i64,
+    code: &str,
+    asn: &str,
+    amount: i64,
+) -> Authorisation {
+    let same = asn == req.asn && amount == req.amount_fen;
+    Authorisation {
+        response_code: if same { code.to_owned() } else { "94".into() },
+        auth_code: (same && status != DECLINED).then(|| auth_code(id)),
+        replayed: true,
+    }
+}
+
+/// An authorisation waiting for its group.
+struct Pending {
+    policy: AuthorisationPolicy,
+    req: AuthorisationRequest,
+    now: i64,
+    today: String,
+    reply: oneshot::Sender<anyhow::Result<Authorisation>>,
+}
+
+/// Authorisations waiting for a PostgreSQL transaction. While fewer than
+/// [`AUTHORISATION_GROUPS_AT_ONCE`] groups run, a request starts a group of its own at once;
+/// otherwise it waits, and the next group to finish takes every request waiting (up to
+/// [`AUTHORISATIONS_PER_GROUP_MAX`]) into one transaction: one statement takes the cards'
+/// locks, one reads the traces, cards and daily totals, one inserts the rows, one commit.
+#[derive(Default)]
+pub(crate) struct Groups {
+    state: Mutex<GroupsState>,
+}
+
+#[derive(Default)]
+struct GroupsState {
+    waiting: VecDeque<Pending>,
+    running: usize,
+}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Groups").finish_non_exhaustive()
+    }
+}
+
+impl Groups {
+    /// Queues `p`; true when the caller must start a group leader.
+    fn push(&self, p: Pending) -> bool {
+        let mut s = self.state.lock().expect("authorisation groups");
+        s.waiting.push_back(p);
+        if s.running < AUTHORISATION_GROUPS_AT_ONCE {
+            s.running += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next group, or `None` (and the leader's place given up) when nobody waits.
+    fn next(&self) -> Option<Vec<Pending>> {
+        let mut s = self.state.lock().expect("authorisation groups");
+        if s.waiting.is_empty() {
+            s.running -= 1;
+            return None;
+        }
+        let n = s.waiting.len().min(AUTHORISATIONS_PER_GROUP_MAX);
+        Some(s.waiting.drain(..n).collect())
+    }
+}
+
+/// Gives up a leader's place if it stops early (a panic, or its runtime shutting down): the
+/// waiting requests are dropped, so their callers decide alone.
+struct Leader<'a> {
+    groups: &'a Groups,
+    done: bool,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && let Ok(mut s) = self.groups.state.lock()
+        {
+            s.running -= 1;
+            s.waiting.clear();
+        }
+    }
+}
+
+/// Runs groups while requests wait.
+async fn lead_groups(app: App) {
+    let groups = app.authorisation_groups();
+    let mut leader = Leader {
+        groups,
+        done: false,
+    };
+    loop {
+        let Some(group) = groups.next() else {
+            leader.done = true;
+            return;
+        };
+        let (work, replies): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|p| ((p.policy, p.req, p.now, p.today), p.reply))
+            .unzip();
+        match decide_group(&app, work).await {
+            Ok(answers) => {
+                for (reply, a) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(a));
+                }
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                for reply in replies {
+                    let _ = reply.send(Err(anyhow::anyhow!("{e}")));
+                }
+            }
+        }
+    }
+}
+
+/// How one request of a group is answered.
+enum Decision {
+    /// A trace stored before: (id, status, code, asn, amount).
+    Stored(i64, i64, String, String, i64),
+    /// Decided now, inserted with the group.
+    New(String),
+    /// The same trace as the group's request at this index.
+    Again(usize),
+}
+
+/// Decides a group of authorisations in one transaction, each as [`authorise`] would alone
+/// and in order (an approval counts towards the next request of the same card).
+async fn decide_group(
+    app: &App,
+    work: Vec<(AuthorisationPolicy, AuthorisationRequest, i64, String)>,
+) -> anyhow::Result<Vec<Authorisation>> {
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                let locks: Vec<String> = work
+                    .iter()
+                    .filter(|(p, r, ..)| !amount_refused(p, r))
+                    .map(|(_, r, ..)| day_lock(&r.asn))
+                    .collect();
+                tx.advisory_locks(&locks.iter().map(String::as_str).collect::<Vec<_>>())
+                    .await?;
+                // Read after the locks (a statement of its own, so with a snapshot taken
+                // after them): the totals include every group that held them before. Each
+                // lookup is a LATERAL ... LIMIT 1, so it stays an index probe a request (a
+                // join could become a hash join over the whole table).
+                let keys = serde_json::Value::Array(
+                    work.iter()
+                        .enumerate()
+                        .map(|(i, (_, r, _, today))| {
+                            serde_json::json!({
+                                "i": i, "t": r.terminal_no, "b": r.batch, "s": r.stan,
+                                "a": r.asn, "d": today,
+                            })
+                        })
+                        .collect(),
+                );
+                let rows = tx
+                    .query(
+                        &format!(
+                            "SELECT r.i, a.id, a.status, a.response_code, a.asn, a.amount_fen, \
+                             c.status, c.expires_on, \
+                             (SELECT CAST(COALESCE(SUM(u.amount_fen), 0) AS BIGINT) \
+                              FROM authorisations u WHERE u.asn = r.a AND u.business_date = r.d \
+                              AND u.status IN ({APPROVED}, {CONFIRMED})) \
+                             FROM jsonb_to_recordset(CAST(CAST($1 AS TEXT) AS JSONB)) \
+                             AS r(i BIGINT, t TEXT, b TEXT, s TEXT, a TEXT, d TEXT) \
+                             LEFT JOIN LATERAL (SELECT id, status, response_code, asn, amount_fen \
+                              FROM authorisations \
+                              WHERE terminal_no = r.t AND batch = r.b AND stan = r.s LIMIT 1) a \
+                             ON TRUE \
+                             LEFT JOIN LATERAL (SELECT status, expires_on FROM cards \
+                              WHERE asn = r.a LIMIT 1) c ON TRUE"
+                        ),
+                        params![keys.to_string()],
+                    )
+                    .await?;
+                let mut facts: Vec<Option<store::Row>> = vec![None; work.len()];
+                for row in rows {
+                    let i = usize::try_from(row.int(0)?)?;
+                    anyhow::ensure!(i < work.len(), "authorisation group: row {i} out of range");
+                    facts[i] = Some(row);
+                }
+                let mut used: HashMap<(String, String), i64> = HashMap::new();
+                let mut first: HashMap<(&str, &str, &str), usize> = HashMap::new();
+                let mut decisions = Vec::with_capacity(work.len());
+                let mut inserts = Vec::new();
+                for (i, (policy, req, now, today)) in work.iter().enumerate() {
+                    let row = facts[i]
+                        .as_ref()
+                        .ok_or_else(|| anyhow::anyhow!("authorisation group: no row {i}"))?;
+                    if let Some(id) = row.opt_int(1)? {
+                        decisions.push(Decision::Stored(
+                            id,
+                            row.int(2)?,
+                            row.text(3)?,
+                            row.text(4)?,
+                            row.int(5)?,
+                        ));
+                        continue;
+                    }
+                    let key = (
+                        req.terminal_no.as_str(),
+                        req.batch.as_str(),
+                        req.stan.as_str(),
+                    );
+                    if let Some(&j) = first.get(&key) {
+                        decisions.push(Decision::Again(j));
+                        continue;
+                    }
+                    first.insert(key, i);
+                    let card = match row.opt_int(6)? {
+                        Some(status) => Some((status, row.text(7)?)),
+                        None => None,
+                    };
+                    let code = if amount_refused(policy, req) {
+                        "13"
+                    } else if let Some(code) = card_refusal(card.as_ref(), today) {
+                        code
+                    } else {
+                        let total = used
+                            .entry((req.asn.clone(), today.clone()))
+                            .or_insert(row.int(8)?);
+                        let code = limit_code(policy, req, *total);
+                        if code == "00" {
+                            *total += req.amount_fen;
+                        }
+                        code
+                    };
+                    let status = if code == "00" { APPROVED } else { DECLINED };
+                    inserts.push(serde_json::json!({
+                        "i": i, "t": req.terminal_no, "b": req.batch, "s": req.stan,
+                        "a": req.asn, "m": req.amount_fen, "st": status, "c": code,
+                        "d": today, "n": now,
+                    }));
+                    decisions.push(Decision::New(code.to_owned()));
+                }
+                let mut ids: HashMap<usize, i64> = HashMap::new();
+                if !inserts.is_empty() {
+                    let rows = tx
+                        .query(
+                            "INSERT INTO authorisations (terminal_no, batch, stan, asn, \
+                             amount_fen, status, response_code, business_date, created_at, \
+                             updated_at) \
+                             SELECT r.t, r.b, r.s, r.a, r.m, r.st, r.c, r.d, r.n, r.n \
+                             FROM jsonb_to_recordset(CAST(CAST($1 AS TEXT) AS JSONB)) \
+                             AS r(i BIGINT, t TEXT, b TEXT, s TEXT, a TEXT, m BIGINT, \
+                             st BIGINT, c TEXT, d TEXT, n BIGINT) ORDER BY r.i \
+                             RETURNING id, terminal_no, batch, stan",
+                            params![serde_json::Value::Array(inserts).to_string()],
+                        )
+                        .await?;
+                    for row in rows {
+                        let (t, b, s) = (row.text(1)?, row.text(2)?, row.text(3)?);
+                        let i = *first
+                            .get(&(t.as_str(), b.as_str(), s.as_str()))
+                            .ok_or_else(|| anyhow::anyhow!("authorisation group: stray row"))?;
+                        ids.insert(i, row.int(0)?);
+                    }
+                }
+                let new = |i: usize, code: &str| -> anyhow::Result<Authorisation> {
+                    let id = *ids
+                        .get(&i)
+                        .ok_or_else(|| anyhow::anyhow!("authorisation group: no id for {i}"))?;
+                    Ok(Authorisation {
+                        auth_code: (code == "00").then(|| auth_code(id)),
+                        response_code: code.to_owned(),
+                        replayed: false,
+                    })
+                };
+                let mut answers = Vec::with_capacity(work.len());
+                for (i, d) in decisions.iter().enumerate() {
+                    let req = &work[i].1;
+                    answers.push(match d {
+                        Decision::Stored(id, status, code, asn, amount) => {
+                            replayed(req, *id, *status, code, asn, *amount)
+                        }
+                        Decision::New(code) => new(i, code)?,
+                        Decision::Again(j) => {
+                            let Decision::New(code) = &decisions[*j] else {
+                                anyhow::bail!("authorisation group: {j} was not decided");
+                            };
+                            let first = &work[*j].1;
+                            let status = if code == "00" { APPROVED } else { DECLINED };
+                            let id = *ids.get(j).ok_or_else(|| {
+                                anyhow::anyhow!("authorisation group: no id for {j}")
+                            })?;
+                            replayed(req, id, status, code, &first.asn, first.amount_fen)
+                        }
+                    });
+                }
+                Ok(answers)
+            })
+        })
+        .await
 }
 
 /// Reverses the authorisation (terminal, batch, trace): `00` done (also when done before),

@@ -128,6 +128,8 @@ pub struct App {
     store: Store,
     clock: Arc<dyn Clock>,
     policy: Arc<CardPolicy>,
+    /// Online authorisations waiting to share a PostgreSQL transaction.
+    authorisation_groups: Arc<authorise::Groups>,
 }
 
 impl App {
@@ -136,7 +138,12 @@ impl App {
             store,
             clock,
             policy: Arc::new(CardPolicy::default()),
+            authorisation_groups: Arc::default(),
         }
+    }
+
+    pub(crate) fn authorisation_groups(&self) -> &authorise::Groups {
+        &self.authorisation_groups
     }
 
     pub fn with_policy(mut self, policy: CardPolicy) -> App {

@@ -213,16 +213,38 @@ impl Tx<'_> {
     pub async fn advisory_lock(&mut self, key: &str) -> anyhow::Result<()> {
         match self {
             Tx::Sqlite(_) => Ok(()),
+            Tx::Postgres(t) => t
+                .execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    &[Value::Int(advisory_key(key))],
+                )
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// [`Tx::advisory_lock`] for several keys in one statement, taken in ascending order of
+    /// their 64-bit lock keys: two transactions locking overlapping sets this way never
+    /// deadlock (a single [`Tx::advisory_lock`] takes one key, so it cannot either).
+    pub async fn advisory_locks(&mut self, keys: &[&str]) -> anyhow::Result<()> {
+        match self {
+            Tx::Sqlite(_) => Ok(()),
             Tx::Postgres(t) => {
-                // FNV-1a: a stable 64-bit key for the text.
-                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-                for b in key.bytes() {
-                    h ^= u64::from(b);
-                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                let mut ids: Vec<i64> = keys.iter().map(|k| advisory_key(k)).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                if ids.is_empty() {
+                    return Ok(());
                 }
-                t.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(h as i64)])
-                    .await
-                    .map(|_| ())
+                let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                // unnest returns the array in order, one lock a row.
+                t.execute(
+                    "SELECT pg_advisory_xact_lock(k) FROM \
+                     unnest(CAST(string_to_array(CAST($1 AS TEXT), ',') AS BIGINT[])) AS k",
+                    &[Value::Text(list)],
+                )
+                .await
+                .map(|_| ())
             }
         }
     }
@@ -249,6 +271,16 @@ impl Tx<'_> {
             Tx::Postgres(t) => t.submit(transfers, now).await,
         }
     }
+}
+
+/// FNV-1a: a stable 64-bit advisory lock key for the text.
+fn advisory_key(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
 }
 
 /// The future a transaction's work returns.
