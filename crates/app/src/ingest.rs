@@ -415,6 +415,33 @@ async fn decide_and_write(
             status.insert(row.int(0)?, row.int(2)?);
         }
     }
+    // Purchases posted already, by what their TAC covers (terminal, TTC, TAC): a card's TAC
+    // does not cover its counter, so a posted purchase sent again under another counter would
+    // otherwise post twice. Read under the locks: every batch posting for a terminal locks
+    // its merchant account.
+    let mut purchases: HashMap<(String, i64, Vec<u8>), (String, i64)> = HashMap::new();
+    let mut ttc_ranges: HashMap<String, (i64, i64)> = HashMap::new();
+    for c in checked.iter().filter(|c| c.problem.is_none()) {
+        let t = c.record.terminal_no.to_ascii_uppercase();
+        let ttc = i64::from(c.record.ttc);
+        let range = ttc_ranges.entry(t).or_insert((ttc, ttc));
+        *range = (range.0.min(ttc), range.1.max(ttc));
+    }
+    for (terminal_no, (low, high)) in &ttc_ranges {
+        for row in tx
+            .query(
+                "SELECT ttc, tac, asn, counter FROM offline_records WHERE terminal_no = $1 \
+                 AND ttc BETWEEN $2 AND $3 AND status = 0",
+                params![terminal_no.clone(), *low, *high],
+            )
+            .await?
+        {
+            purchases.insert(
+                (terminal_no.clone(), row.int(0)?, row.blob(1)?),
+                (row.text(2)?, row.int(3)?),
+            );
+        }
+    }
     // Under the locks (each card's purse account is locked by every batch that posts for
     // it), per card of the batch: the last posted counter (a batch that committed while we
     // waited for a lock has moved it, so it is read only now), and the highest counter any
@@ -566,6 +593,16 @@ async fn decide_and_write(
                 reason = Some(why);
             }
         }
+        let purchase_key = (terminal_no.clone(), i64::from(r.ttc), c.tac.clone());
+        if reason.is_none()
+            && let Some((asn, counter)) = purchases.get(&purchase_key)
+        {
+            reason = Some(format!(
+                "the same purchase (terminal {terminal_no}, TTC {}) was posted already as \
+                 counter {counter} of card {asn}: a record sent again under another counter",
+                r.ttc
+            ));
+        }
         if reason.is_none() {
             let card = cards
                 .get_mut(&r.asn)
@@ -573,6 +610,7 @@ async fn decide_and_write(
                 .expect("checked");
             let purse = card.purse.get();
             let balance = shadow.get(&purse).copied().unwrap_or(0);
+            let mut fills_gap = false;
             // Continuity: gaps, and the balance the card reported against the shadow.
             match card.last_counter {
                 Some(last) if r.counter > last.wrapping_add(1) && r.counter > last => {
@@ -625,15 +663,8 @@ async fn decide_and_write(
                         .await?;
                     }
                 }
-                Some(last) if r.counter < last => {
-                    // A late record fills a gap.
-                    tx.execute(
-                        "UPDATE purse_anomalies SET resolved_at = $1 WHERE asn = $2 \
-                         AND kind = 'missing_record' AND counter = $3 AND resolved_at IS NULL",
-                        params![now.0, r.asn.clone(), i64::from(r.counter)],
-                    )
-                    .await?;
-                }
+                // A late record: it fills its gap if it posts (below).
+                Some(last) if r.counter < last => fills_gap = true,
                 _ => {}
             }
             let follows = card
@@ -683,6 +714,15 @@ async fn decide_and_write(
                 shadow.insert(purse, balance - i64::from(r.amount_fen));
                 if card.last_counter.is_none_or(|l| r.counter > l) {
                     card.last_counter = Some(r.counter);
+                }
+                purchases.insert(purchase_key, (r.asn.clone(), i64::from(r.counter)));
+                if fills_gap {
+                    tx.execute(
+                        "UPDATE purse_anomalies SET resolved_at = $1 WHERE asn = $2 \
+                         AND kind = 'missing_record' AND counter = $3 AND resolved_at IS NULL",
+                        params![now.0, r.asn.clone(), i64::from(r.counter)],
+                    )
+                    .await?;
                 }
                 transfer_id = Some(id);
             }

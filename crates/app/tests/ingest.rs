@@ -134,6 +134,19 @@ conformance! {
         assert!(after.iter().all(|a| a.resolved_at_ms.is_some()), "{after:?}");
         assert_eq!(shadow(app.clone()).await, i64::from(card.balance_fen()), "the shadow is the card");
 
+        // A posted purchase sent again under the next counter, with the shadow as its
+        // balance-before: its TAC is still valid (it does not cover the counter), but the
+        // purchase (terminal, TTC, TAC) was posted already: quarantined, nobody paid twice,
+        // no gap raised for it.
+        let paid = app.account(canteen).await.unwrap().unwrap().account.balance().get();
+        let mut replayed = upload(&r4);
+        replayed.counter = r4.offline_counter + 1;
+        replayed.balance_before_fen = shadow(app.clone()).await as u32;
+        let out = ingest::ingest(&app, &m, policy, vec![replayed]).await.unwrap();
+        assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("the same purchase")), "{out:?}");
+        assert_eq!(app.account(canteen).await.unwrap().unwrap().account.balance().get(), paid);
+        assert!(ingest::anomalies(&app, &cli, ASN).await.unwrap().iter().all(|a| a.resolved_at_ms.is_some()));
+
         // A disabled terminal's records are quarantined; over the threshold too.
         let r5 = buy(&mut card, &mut psam, 2_000, "20261128130000");
         terminals::update(&app, &cli, t.id, TerminalPatch { enabled: Some(false), ..Default::default() }).await.unwrap();
@@ -197,7 +210,7 @@ conformance! {
         assert!(matches!(&out[0], IngestOutcome::Quarantined { reason } if reason.contains("frozen")), "{out:?}");
         app.set_account_status(issued.purse_account, ledger::AccountStatus::Open).await.unwrap();
         let q = ingest::quarantined(&app, &cli, None, 50).await.unwrap();
-        assert_eq!(q.len(), 5, "{q:?}"); // forged, over, unknown card, junk, frozen (disabled: released)
+        assert_eq!(q.len(), 6, "{q:?}"); // forged, replayed, over, unknown card, junk, frozen (disabled: released)
         assert!(app.check().await.unwrap().is_ok());
         assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
         assert!(terminals::get(&app, &cli, t.id).await.unwrap().last_seen_at_ms.is_some());

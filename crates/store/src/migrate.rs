@@ -72,6 +72,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "record_key_index",
         sql: include_str!("../migrations/sqlite/0009_record_key_index.sql"),
     },
+    Source {
+        version: 10,
+        name: "purchase_key",
+        sql: include_str!("../migrations/sqlite/0010_purchase_key.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -119,6 +124,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 9,
         name: "record_key_index",
         sql: include_str!("../migrations/postgres/0009_record_key_index.sql"),
+    },
+    Source {
+        version: 10,
+        name: "purchase_key",
+        sql: include_str!("../migrations/postgres/0010_purchase_key.sql"),
     },
 ];
 
