@@ -201,6 +201,13 @@ fn verified(profile: &Profile, bytes: &[u8], session: &TerminalSession) -> anyho
         check != MacCheck::Invalid,
         "the centre's answer has a bad MAC"
     );
+    // Only refusals come without a MAC (sign in first, MAC error, not registered, system
+    // error): an answer that says anything else must prove it comes from the centre.
+    anyhow::ensure!(
+        check == MacCheck::Valid || matches!(m.text(39), Some("77" | "A0" | "03" | "96")),
+        "the centre's answer {:?} has no MAC",
+        m.text(39)
+    );
     Ok(m)
 }
 
@@ -361,6 +368,8 @@ impl Gateway {
         anyhow::ensure!(!self.is_down(), "the centre is unreachable");
         let timeout = Duration::from_millis(self.inner.config.centre_timeout_ms);
         let mut link = self.inner.link.lock().await;
+        // Marked down while this request waited for the link: do not wait again.
+        anyhow::ensure!(!self.is_down(), "the centre is unreachable");
         let out = tokio::time::timeout(timeout, self.call_on(&mut link, m, maced)).await;
         match out {
             Ok(Ok(a)) => {
@@ -426,7 +435,13 @@ impl Gateway {
 
     // ---- the POS side ----
 
-    async fn answer_pos(&self, bytes: &[u8], peer: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    /// Answers one message of a POS; `signed_in` is the POS (F41) this connection signed in.
+    async fn answer_pos(
+        &self,
+        bytes: &[u8],
+        peer: &str,
+        signed_in: &mut Option<String>,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
         let i = &self.inner;
         let request = match iso8583::decode(&i.profile, bytes) {
             Ok(m) => m,
@@ -448,6 +463,9 @@ impl Gateway {
         match (request.mti_str(), network) {
             ("0800", "003") | ("0800", "001") | ("0800", "004") => {
                 self.pos_sign_in(&request, &mut answer, &f41, peer).await?;
+                if answer.text(39) == Some("00") {
+                    *signed_in = Some(f41.clone());
+                }
                 Ok(Some(plain(&answer)?))
             }
             ("0800", "391") => {
@@ -508,7 +526,12 @@ impl Gateway {
                 Ok(Some(plain(&answer)?))
             }
             ("0820", "002") => {
-                let known = i.pos.lock().expect("pos").remove(&f41).is_some();
+                // Only the connection that signed a POS in may sign it off.
+                let known = signed_in.as_deref() == Some(f41.as_str())
+                    && i.pos.lock().expect("pos").remove(&f41).is_some();
+                if known {
+                    *signed_in = None;
+                }
                 if known {
                     let out = i.outbox.clone();
                     let t = f41.clone();
@@ -534,8 +557,9 @@ impl Gateway {
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .1;
                 if check != MacCheck::Valid {
+                    // Without a MAC: a MAC over fields the sender chose would help forge one.
                     answer.set(39, "A0");
-                    return Ok(Some(mac_with(&i.profile, &answer, &session)?));
+                    return Ok(Some(plain(&answer)?));
                 }
                 match request.mti_str() {
                     "0320" | "0220" => self.store_record(&request, &mut answer, &f41).await?,
@@ -568,11 +592,21 @@ impl Gateway {
                 *answer = centre.clone();
                 answer.remove(63);
                 if centre.text(39) != Some("00") {
-                    // Refused by the centre (recorded and alarmed there): forget the POS here.
-                    i.pos.lock().expect("pos").remove(f41);
-                    let out = i.outbox.clone();
-                    let t = f41.to_owned();
-                    tokio::task::spawn_blocking(move || out.remove_session(&t)).await??;
+                    // Refused by the centre (recorded and alarmed there). The POS's keys here
+                    // are forgotten only if it is the same POS and PSAM (disabled, say): a
+                    // stranger's sign-in with a wrong PSAM must not end the real one's session.
+                    let same = i
+                        .pos
+                        .lock()
+                        .expect("pos")
+                        .get(f41)
+                        .is_some_and(|p| p.psam == psam);
+                    if same {
+                        i.pos.lock().expect("pos").remove(f41);
+                        let out = i.outbox.clone();
+                        let t = f41.to_owned();
+                        tokio::task::spawn_blocking(move || out.remove_session(&t)).await??;
+                    }
                     return Ok(());
                 }
                 let delegated = centre.text(63).and_then(unhex).unwrap_or_default();
@@ -683,7 +717,13 @@ impl Gateway {
             answer.set(39, e.code);
             return Ok(());
         }
-        match self.call(request, true).await {
+        let attempted = !self.is_down();
+        let relayed = if attempted {
+            self.call(request, true).await
+        } else {
+            Err(anyhow::anyhow!("the centre is unreachable"))
+        };
+        match relayed {
             Ok(centre) => {
                 for f in [12, 13, 37, 38, 39, 44] {
                     if let Some(v) = centre.get(f) {
@@ -692,7 +732,16 @@ impl Gateway {
                 }
                 return Ok(());
             }
-            Err(e) => tracing::info!(f41, error = %e, "standing in for the centre"),
+            Err(e) => {
+                tracing::info!(f41, error = %e, "standing in for the centre");
+                if attempted {
+                    // The centre may have approved it before the link failed: a reversal
+                    // follows when it is back (answered 25 if it never saw the request), so
+                    // no reservation is left holding the card's limit there.
+                    self.keep_reversal(f41, request, &format!("{batch}{stan}"))
+                        .await?;
+                }
+            }
         }
         // Stand in.
         i.stood_in.fetch_add(1, Ordering::Relaxed);
@@ -706,29 +755,19 @@ impl Gateway {
         let out = i.outbox.clone();
         let limit = i.config.standin_day_limit_fen;
         let (t, a, d) = (f41.to_owned(), asn.clone(), day.clone());
+        let request = StandIn {
+            terminal_no: t,
+            batch,
+            stan: stan.clone(),
+            asn: a,
+            amount_fen: amount,
+            day: d,
+            code: String::new(),
+            auth_code: None,
+        };
+        let auth_code = format!("S{:05}", stan_number(&stan));
         let decision = tokio::task::spawn_blocking(move || {
-            let code = if amount <= 0 {
-                "13"
-            } else if out.is_listed(&a)? {
-                "41"
-            } else if out.standin_total(&a, &d)? + amount > limit {
-                "61"
-            } else {
-                "00"
-            };
-            let auth_code = (code == "00").then(|| format!("S{:05}", stan_number(&stan)));
-            let s = StandIn {
-                terminal_no: t,
-                batch,
-                stan,
-                asn: a,
-                amount_fen: amount,
-                day: d,
-                code: code.to_owned(),
-                auth_code,
-            };
-            out.record_standin(&s, Self::now_ms())?;
-            Ok::<_, anyhow::Error>(s)
+            out.stand_in(&request, limit, &auth_code, Self::now_ms())
         })
         .await??;
         if let Some(code) = decision.auth_code {
@@ -766,21 +805,33 @@ impl Gateway {
             }
             Err(_) => {
                 // Kept, and sent when the centre is back: the terminal may forget it.
-                let entry = NewEntry {
-                    kind: EntryKind::Reversal,
-                    terminal_no: f41.to_owned(),
-                    batch: original[..6].to_owned(),
-                    asn: request.text(48).unwrap_or("").to_owned(),
-                    amount_fen: request.text(4).and_then(|a| a.parse().ok()).unwrap_or(0),
-                    body: format!("{f41}{original}"),
-                };
-                let out = i.outbox.clone();
-                let now = Self::now_ms();
-                tokio::task::spawn_blocking(move || out.append(&[entry], now)).await??;
-                i.wake.notify_one();
+                self.keep_reversal(f41, request, &original[..12]).await?;
                 answer.set(39, "00");
             }
         }
+        Ok(())
+    }
+
+    /// Puts the reversal of the authorisation `original` (batch ‖ trace) of a POS in the
+    /// outbox (once: the same reversal again is the same entry).
+    async fn keep_reversal(
+        &self,
+        f41: &str,
+        request: &Message,
+        original: &str,
+    ) -> anyhow::Result<()> {
+        let entry = NewEntry {
+            kind: EntryKind::Reversal,
+            terminal_no: f41.to_owned(),
+            batch: original[..6].to_owned(),
+            asn: request.text(48).unwrap_or("").to_owned(),
+            amount_fen: request.text(4).and_then(|a| a.parse().ok()).unwrap_or(0),
+            body: format!("{f41}{original}"),
+        };
+        let out = self.inner.outbox.clone();
+        let now = Self::now_ms();
+        tokio::task::spawn_blocking(move || out.append(&[entry], now)).await??;
+        self.inner.wake.notify_one();
         Ok(())
     }
 
@@ -1117,15 +1168,18 @@ fn unwrap_session(tmk: &Tdes2Key, delegated: &[u8]) -> Option<TerminalSession> {
 }
 
 impl Handler for Gateway {
-    type Connection = ();
+    type Connection = Option<String>;
 
     async fn handle<'a>(
         &'a self,
         message: &'a [u8],
         peer: &'a str,
-        _connection: &'a mut (),
+        signed_in: &'a mut Option<String>,
     ) -> anyhow::Result<Option<posp::Reply>> {
-        Ok(self.answer_pos(message, peer).await?.map(posp::Reply::Now))
+        Ok(self
+            .answer_pos(message, peer, signed_in)
+            .await?
+            .map(posp::Reply::Now))
     }
 }
 

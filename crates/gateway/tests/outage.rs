@@ -133,7 +133,9 @@ conformance! {
         assert_eq!(posted(app.clone()).await, counts, "resent records post once");
         let duplicates: i64 = rusqlite::Connection::open(&outbox_path).unwrap()
             .query_row("SELECT count(*) FROM outbox WHERE outcome = 'duplicate'", [], |r| r.get(0)).unwrap();
-        assert_eq!(duplicates as usize, answered, "the centre answered every resent record as a duplicate");
+        let reasons = app.store().query("SELECT reason FROM offline_records WHERE status = 1", &[]).await.unwrap();
+        let reasons: Vec<String> = reasons.iter().map(|r| r.text(0).unwrap()).collect();
+        assert_eq!(duplicates as usize, answered, "the centre answered every resent record as a duplicate; quarantined: {reasons:?}");
 
         // Honest cards' shadows are their cards (the lost card's records are quarantined: its
         // purse is frozen); db-check passes.

@@ -159,6 +159,10 @@ conformance! {
         assert_eq!(signed.text(39), Some("00"));
         assert!(signed.get(63).is_none(), "F63 stays at the gateway");
         pos.mak = Some(mak_of(module.as_ref(), p1, &signed));
+        // Someone else signing in as this POS with a wrong PSAM is refused, and does not end
+        // the real POS's session at the gateway.
+        let mut imposter = Pos::connect(gw_addr, p1).await;
+        assert_eq!(imposter.sign_in("00000000000000000998").await.text(39), Some("03"));
 
         // Relayed authorisation; a bad MAC; a terminal that has not signed in.
         let a = pos.send(&pos.authorisation("000010", &asns[0], 100), true).await;
@@ -212,9 +216,15 @@ conformance! {
         let settle = Message::new("0500").with(11, "000031").with(41, pos.f41.clone()).with(42, "000000000000001")
             .with(48, totals).with(60, "00000001201");
         assert_eq!(&pos.send(&settle, false).await.text(48).unwrap()[30..31], "1", "balanced against the outbox");
+        // Sign-off from a connection that did not sign the POS in is refused.
+        let off = Message::new("0820").with(11, "000033").with(41, pos.f41.clone()).with(42, "000000000000001").with(60, "00000001002");
+        assert_eq!(stranger.send(&off, false).await.text(39), Some("12"));
         let echo = Message::new("0820").with(11, "000032").with(41, pos.f41.clone()).with(42, "000000000000001").with(60, "00000001301");
         assert_eq!(pos.send(&echo, false).await.text(39), Some("00"));
-        assert_eq!(gw.stats().unwrap().pending, 2, "the record and the reversal wait");
+        // The record, the POS's reversal of the centre's approval, and the gateway's own
+        // reversal of the relayed request that failed when the centre went (the centre may
+        // have approved it): three entries wait.
+        assert_eq!(gw.stats().unwrap().pending, 3, "the record and two reversals wait");
 
         // The centre is back on the same address: both arrive.
         let centre = Centre::start(db.url.clone(), std::net::TcpListener::bind(centre_addr).unwrap());

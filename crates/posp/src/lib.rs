@@ -368,8 +368,9 @@ impl Posp {
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .1;
                 if check != MacCheck::Valid {
+                    // Without a MAC: a MAC over fields the sender chose would help forge one.
                     answer.set(39, "A0");
-                    return Ok(Some(Reply::Now(self.encode_maced(&answer, &session)?)));
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 }
                 let terminal_no = terminal.map(|t| t.terminal_no).unwrap_or_default();
                 let batch = request

@@ -80,7 +80,9 @@ struct SimCard {
 /// The population [`setup`] made.
 pub struct Population {
     cards: Vec<Mutex<SimCard>>,
-    terminals: Vec<(String, SoftPsam)>,
+    /// Each terminal's number and PSAM; a run takes the PSAM and puts it back, so its
+    /// transaction counter (TTC) goes on from run to run as a real PSAM's does.
+    terminals: Vec<(String, Mutex<SoftPsam>)>,
     module: Arc<dyn SecurityModule>,
 }
 
@@ -146,7 +148,7 @@ pub async fn setup(
             terminal_id(&number)?,
             serial,
         )?;
-        terminals.push((number, psam));
+        terminals.push((number, Mutex::new(psam)));
     }
     // Cards: stock, cardholders with a card each, personalised, loaded.
     let first = app::stock::format_asn(config.first_asn);
@@ -472,7 +474,7 @@ async fn terminal_loop(
         "the MAC key's check value does not match"
     );
     let mut rng = SeededRandom::new(1_000 + t as u64);
-    let mut psam = population.terminals[t].1.clone();
+    let mut psam = population.terminals[t].1.lock().expect("psam lock").clone();
     let offset = interval.mul_f64(t as f64 / population.terminals.len().max(1) as f64);
     let mut stan = 1u64;
     for k in 0..sales {
@@ -611,10 +613,19 @@ async fn terminal_loop(
         match answer.text(39) {
             Some("00") => report.posted += 1,
             Some("94") => report.duplicates += 1,
-            _ => report.quarantined += 1,
+            Some("Q1") => report.quarantined += 1,
+            // Not taken (format error, system error, sign in first): the record stays with
+            // the terminal; counted with the declines, under the upload's code.
+            other => {
+                *report
+                    .declined
+                    .entry(format!("upload {}", other.unwrap_or("none")))
+                    .or_default() += 1
+            }
         }
         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    *population.terminals[t].1.lock().expect("psam lock") = psam;
     Ok(report)
 }
 

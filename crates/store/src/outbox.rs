@@ -400,34 +400,79 @@ impl Outbox {
             .optional()?)
     }
 
-    /// Approved, not reversed stand-in amounts of a card on a day.
-    pub fn standin_total(&self, asn: &str, day: &str) -> anyhow::Result<i64> {
-        Ok(self.conn().query_row(
+    /// Decides a stand-in authorisation in one transaction (so two requests for one card
+    /// cannot both pass its daily limit, and one trace gets one answer): the earlier answer
+    /// for the same (terminal, batch, trace) if there is one; else `13` for no amount, `41`
+    /// for a card the blacklist mirror lists, `61` over what is left of `day_limit_fen` for
+    /// the card that day, `00` otherwise (with `auth_code`). The decision is stored.
+    pub fn stand_in(
+        &self,
+        request: &StandIn,
+        day_limit_fen: i64,
+        auth_code: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<StandIn> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let earlier = tx
+            .query_row(
+                "SELECT code, auth_code FROM standin WHERE terminal_no = ?1 AND batch = ?2 \
+                 AND stan = ?3",
+                params![request.terminal_no, request.batch, request.stan],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+            )
+            .optional()?;
+        if let Some((code, auth_code)) = earlier {
+            return Ok(StandIn {
+                code,
+                auth_code,
+                ..request.clone()
+            });
+        }
+        let listed: Option<i64> = tx
+            .query_row(
+                "SELECT listed FROM blacklist WHERE asn = ?1 ORDER BY version DESC LIMIT 1",
+                [&request.asn],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let spent: i64 = tx.query_row(
             "SELECT COALESCE(SUM(amount_fen), 0) FROM standin \
              WHERE asn = ?1 AND day = ?2 AND code = '00' AND reversed = 0",
-            params![asn, day],
+            params![request.asn, request.day],
             |r| r.get(0),
-        )?)
-    }
-
-    pub fn record_standin(&self, s: &StandIn, now_ms: i64) -> anyhow::Result<()> {
-        self.conn().execute(
+        )?;
+        let code = if request.amount_fen <= 0 {
+            "13"
+        } else if listed == Some(1) {
+            "41"
+        } else if spent + request.amount_fen > day_limit_fen {
+            "61"
+        } else {
+            "00"
+        };
+        let decided = StandIn {
+            code: code.to_owned(),
+            auth_code: (code == "00").then(|| auth_code.to_owned()),
+            ..request.clone()
+        };
+        tx.execute(
             "INSERT INTO standin (terminal_no, batch, stan, asn, amount_fen, day, code, \
-             auth_code, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-             ON CONFLICT DO NOTHING",
+             auth_code, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
-                s.terminal_no,
-                s.batch,
-                s.stan,
-                s.asn,
-                s.amount_fen,
-                s.day,
-                s.code,
-                s.auth_code,
+                decided.terminal_no,
+                decided.batch,
+                decided.stan,
+                decided.asn,
+                decided.amount_fen,
+                decided.day,
+                decided.code,
+                decided.auth_code,
                 now_ms
             ],
         )?;
-        Ok(())
+        tx.commit()?;
+        Ok(decided)
     }
 
     /// Reverses a stand-in authorisation; whether there was one.
