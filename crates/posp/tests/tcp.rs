@@ -146,9 +146,7 @@ conformance! {
         // Echo.
         let echo = Message::new("0820").with(11, "000003").with(41, "00000001").with(60, "00000001301");
         assert_eq!(exchange(&mut conn, &echo, None).await.text(39), Some("00"));
-        // The record: posted, then a duplicate; a wrong MAC changes nothing.
-        assert_eq!(exchange(&mut conn, &upload("000004", &record), Some(&mak)).await.text(39), Some("00"));
-        assert_eq!(exchange(&mut conn, &upload("000005", &record), Some(&mak)).await.text(39), Some("94"));
+        // The record under a wrong MAC: A0, and nothing stored or posted.
         let wrong = DesKey::from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
         let bad = Message::new("0320").with(11, "000006").with(41, "00000001").with(42, "000000000000001")
             .with(58, posp::format_record(&record).into_bytes()).with(60, "00000001201");
@@ -163,7 +161,13 @@ conformance! {
             if let Some((f, _)) = frame::split(&p, &buf).unwrap() { break iso8583::decode(&p, f.message).unwrap(); }
         };
         assert_eq!(answer.text(39), Some("A0"));
+        assert_eq!(app.account(issued.purse_account).await.unwrap().unwrap().account.balance().get(), 10_000);
+        let stored = app.store().query("SELECT count(*) FROM offline_records", &[]).await.unwrap()[0].int(0).unwrap();
+        assert_eq!(stored, 0, "a record with a wrong MAC is not taken");
+        // The record: posted, then a duplicate.
+        assert_eq!(exchange(&mut conn, &upload("000004", &record), Some(&mak)).await.text(39), Some("00"));
         assert_eq!(app.account(issued.purse_account).await.unwrap().unwrap().account.balance().get(), 10_000 - 1_250);
+        assert_eq!(exchange(&mut conn, &upload("000005", &record), Some(&mak)).await.text(39), Some("94"));
 
         // A bad frame closes its own connection, not the others.
         let mut junk = TcpStream::connect(addr).await.unwrap();
@@ -219,11 +223,16 @@ conformance! {
             .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001000120");
         assert_eq!(exchange(&mut fresh, &late, Some(&mak)).await.text(39), Some("00"));
         assert_eq!(exchange(&mut conn, &auth("000122", ASN, 500), Some(&mak)).await.text(39), Some("00"), "the reversal freed it");
-        // A confirmation carries the record (posted already here: 94) and confirms the approval.
+        // A confirmation carries the record (posted already here: 94). Its F61 names the
+        // approval of 290.00, not of this record's 12.50: that approval stays unconfirmed.
         let confirm = Message::new("0220").with(3, "000000").with(4, "000000001250").with(11, "000107")
             .with(41, "00000001").with(42, "000000000000001").with(49, "156")
             .with(58, posp::format_record(&record).into_bytes()).with(60, "22000001").with(61, "000001000102");
         assert_eq!(exchange(&mut conn, &confirm, Some(&mak)).await.text(39), Some("94"));
+        let status = |stan: &'static str| { let app = app.clone(); async move {
+            app.store().query("SELECT status FROM authorisations WHERE stan = $1", store::params![stan]).await.unwrap()[0].int(0).unwrap()
+        } };
+        assert_eq!(status("000102").await, 0, "approved, not confirmed by a record of another amount");
         // The blacklist: the loss and the unlock, from version 0; then nothing new.
         let bl = |since: &str| Message::new("0800").with(11, "000109").with(41, "00000001")
             .with(42, "000000000000001").with(48, since).with(60, "00000001391");

@@ -74,6 +74,9 @@ conformance! {
             }
         }
         assert!(liars_caught > 0, "the lying cards raised no balance mismatch");
+        // Online sales were confirmed by their records (0220 with the authorisation's trace).
+        let confirmed = app.store().query("SELECT count(*) FROM authorisations WHERE status = 3", &[]).await.unwrap()[0].int(0).unwrap();
+        assert!(confirmed > 0 && confirmed as usize <= online.posted, "{confirmed} confirmed, {} posted", online.posted);
         assert!(app.check().await.unwrap().is_ok());
     }
 }
