@@ -650,6 +650,10 @@ impl Gateway {
                     Some(f62) => {
                         self.inner.stood_in.fetch_add(1, Ordering::Relaxed);
                         answer.set(62, f62);
+                        answer.set(
+                            60,
+                            format!("00{}003", posp::batch_of_day(&self.local_day())),
+                        );
                         answer.set(39, "00");
                     }
                     None => {

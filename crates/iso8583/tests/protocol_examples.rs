@@ -79,7 +79,7 @@ fn examples() -> Vec<(&'static str, String)> {
                     .with(39, "00")
                     .with(41, "00000001")
                     .with(42, "000000000000005")
-                    .with(60, "00000001003")
+                    .with(60, "00261128003")
                     .with(62, f62_keys),
             ),
         ),

@@ -510,7 +510,11 @@ impl Posp {
         answer.set(37, format!("{:012}", now.rem_euclid(1_000_000_000_000)));
         answer.set(39, "00");
         answer.set(13, self.app.local_date(0)[5..].replace('-', ""));
-        answer.set(60, "00000001003");
+        // The batch to use: the centre's business day, YYMMDD (docs/protocol.md 6.1).
+        answer.set(
+            60,
+            format!("00{}003", batch_of_day(&self.app.local_date(0))),
+        );
         answer.set(62, f62);
         Ok(Some(number))
     }
@@ -860,6 +864,12 @@ pub fn reply_mti(mti: &str) -> String {
         b[2] += 1;
     }
     String::from_utf8(b).unwrap_or_else(|_| "0000".into())
+}
+
+/// The batch number (F60.2) of a business day `YYYY-MM-DD`: `YYMMDD`. Terminals sign in
+/// daily, so a batch is a day, settled once, and a trace (F11) is unique within it.
+pub fn batch_of_day(date: &str) -> String {
+    date.get(2..).unwrap_or("").replace('-', "")
 }
 
 /// Characters of one purse record (docs/protocol.md section 4).

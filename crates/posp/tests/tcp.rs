@@ -135,6 +135,9 @@ conformance! {
         // Signed in: the keys decrypt under the terminal's TMK and their check values agree.
         let answer = exchange(&mut conn, &sign_in("00000001", PSAM), None).await;
         assert_eq!(answer.text(39), Some("00"));
+        // The batch to use is the business day, YYMMDD.
+        let day = app.local_date(0);
+        assert_eq!(answer.text(60).unwrap(), format!("00{}{}{}003", &day[2..4], &day[5..7], &day[8..10]));
         let f62 = answer.get(62).unwrap().to_vec();
         assert_eq!(f62.len(), 40);
         let tmk = m.terminal_master(m.current_version(KeyKind::TerminalMaster).unwrap(), &terminal()).unwrap();

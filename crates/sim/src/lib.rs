@@ -461,6 +461,12 @@ async fn terminal_loop(
     );
     let f62 = answer.get(62).unwrap_or_default().to_vec();
     anyhow::ensure!(f62.len() == 40, "sign-in keys of {} bytes", f62.len());
+    // The batch to sell in, as the sign-in answer gives it.
+    let batch = answer
+        .text(60)
+        .and_then(|t| t.get(2..8))
+        .unwrap_or("000001")
+        .to_owned();
     let version = population
         .module
         .current_version(KeyKind::TerminalMaster)
@@ -488,7 +494,7 @@ async fn terminal_loop(
                 .as_millis() as i64,
         );
         let asn = app::stock::format_asn(config.first_asn + i as u128);
-        let batch = "000001";
+        let batch = batch.as_str();
         if config.online {
             stan += 1;
             let auth = Message::new("0200")
