@@ -258,7 +258,7 @@ fn replayed(
     let same = asn == req.asn && amount == req.amount_fen;
     Authorisation {
         response_code: if same { code.to_owned() } else { "94".into() },
-        auth_code: (same && status != DECLINED).then(|| auth_code(id)),
+        auth_code: (same && status != DECLINED && code == "00").then(|| auth_code(id)),
         replayed: true,
     }
 }
@@ -550,16 +550,66 @@ async fn decide_group(
         .await
 }
 
-/// Reverses the authorisation (terminal, batch, trace): `00` done (also when done before),
-/// `25` no such authorisation. A confirmed purchase is not undone (`00`, nothing changes):
-/// its record is the truth.
-pub async fn reverse(app: &App, terminal_no: &str, batch: &str, stan: &str) -> AppResult<String> {
+/// Reverses the authorisation (terminal, batch, trace): `00` if there was one (an approval no
+/// longer counts towards the card's daily limit; a confirmed purchase is not undone: its
+/// record is the truth), `25` if there was none. A reversal that
+/// arrives before its authorisation (the terminal timed out while the request was still on
+/// its way) leaves a reversed row under the trace, so the late authorisation is answered from
+/// it and reserves nothing.
+pub async fn reverse(
+    app: &App,
+    terminal_no: &str,
+    batch: &str,
+    stan: &str,
+    asn: &str,
+    amount_fen: i64,
+) -> AppResult<String> {
+    // A reversal and its late authorisation at once (PostgreSQL): one inserts the trace, the
+    // other fails on the key and rolls back whole; once more, it finds the first one's row.
+    match reverse_once(app, terminal_no, batch, stan, asn, amount_fen).await {
+        Err(crate::AppError::Unexpected(e)) if store::is_unique_violation(&e) => {
+            reverse_once(app, terminal_no, batch, stan, asn, amount_fen).await
+        }
+        other => other,
+    }
+}
+
+async fn reverse_once(
+    app: &App,
+    terminal_no: &str,
+    batch: &str,
+    stan: &str,
+    asn: &str,
+    amount_fen: i64,
+) -> AppResult<String> {
     let now = app.now();
-    let (terminal_no, batch, stan) = (terminal_no.to_owned(), batch.to_owned(), stan.to_owned());
+    let day = app.local_date(0);
+    let (terminal_no, batch, stan, asn) = (
+        terminal_no.to_owned(),
+        batch.to_owned(),
+        stan.to_owned(),
+        asn.to_owned(),
+    );
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
                 let Some((id, status, ..)) = stored(tx, &terminal_no, &batch, &stan).await? else {
+                    tx.execute(
+                        "INSERT INTO authorisations (terminal_no, batch, stan, asn, amount_fen, \
+                         status, response_code, business_date, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, '25', $7, $8, $8)",
+                        params![
+                            terminal_no,
+                            batch,
+                            stan,
+                            asn,
+                            amount_fen,
+                            REVERSED,
+                            day,
+                            now.0
+                        ],
+                    )
+                    .await?;
                     return Ok("25".to_owned());
                 };
                 if status == APPROVED {

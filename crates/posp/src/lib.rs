@@ -410,6 +410,8 @@ impl Posp {
                                 &terminal_no,
                                 &original[..6],
                                 &original[6..12],
+                                request.text(48).unwrap_or(""),
+                                request.text(4).and_then(|a| a.parse().ok()).unwrap_or(0),
                             )
                             .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?

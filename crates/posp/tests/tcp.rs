@@ -226,6 +226,14 @@ conformance! {
             .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001000120");
         assert_eq!(exchange(&mut fresh, &late, Some(&mak)).await.text(39), Some("00"));
         assert_eq!(exchange(&mut conn, &auth("000122", ASN, 500), Some(&mak)).await.text(39), Some("00"), "the reversal freed it");
+        // The reversal overtakes its authorisation (the request was still on its way): 25,
+        // and the late authorisation is answered from the reversal, reserving nothing.
+        let early = Message::new("0400").with(3, "000000").with(4, "000000000300").with(11, "000130").with(39, "98")
+            .with(41, "00000001").with(42, "000000000000001").with(48, ASN).with(49, "156").with(60, "22000001").with(61, "000001000130");
+        assert_eq!(exchange(&mut fresh, &early, Some(&mak)).await.text(39), Some("25"));
+        let late = exchange(&mut conn, &auth("000130", ASN, 300), Some(&mak)).await;
+        assert_eq!((late.text(39), late.text(38)), (Some("25"), None), "the late authorisation is not approved");
+        assert_eq!(exchange(&mut conn, &auth("000131", ASN, 500), Some(&mak)).await.text(39), Some("00"), "it holds no limit");
         // A confirmation carries the record (posted already here: 94). Its F61 names the
         // approval of 290.00, not of this record's 12.50: that approval stays unconfirmed.
         let confirm = Message::new("0220").with(3, "000000").with(4, "000000001250").with(11, "000107")
