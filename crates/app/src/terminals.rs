@@ -485,6 +485,25 @@ pub async fn record_sign_in(app: &App, terminal_no: &str, peer: &str) -> anyhow:
         .await
 }
 
+/// Records a sign-off: the terminal is no longer signed in.
+pub async fn record_sign_off(app: &App, terminal_no: &str) -> anyhow::Result<()> {
+    let now = app.now();
+    let terminal_no = terminal_no.to_owned();
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE terminals SET signed_in_at = NULL, last_seen_at = $1 \
+                     WHERE terminal_no = $2",
+                    params![now.0, terminal_no],
+                )
+                .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .await
+}
+
 /// Records a refused sign-in in the audit log (who tried, from where, why).
 pub async fn record_refusal(app: &App, peer: &str, f41: &str, why: &str) -> anyhow::Result<()> {
     let now = app.now();

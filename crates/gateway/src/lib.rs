@@ -103,6 +103,9 @@ struct PosSession {
     psam: String,
     sign_in: Vec<u8>,
     session: Arc<TerminalSession>,
+    /// The business day the POS signed in (empty: restored at start, sign in again). A
+    /// session serves its day only.
+    day: String,
 }
 
 struct Inner {
@@ -236,6 +239,7 @@ impl Gateway {
                         psam: s.psam,
                         sign_in: s.sign_in,
                         session: Arc::new(p),
+                        day: String::new(),
                     },
                 );
             }
@@ -541,11 +545,13 @@ impl Gateway {
                 Ok(Some(plain(&answer)?))
             }
             ("0320", _) | ("0200", _) | ("0220", _) | ("0400", _) => {
+                let today = self.local_day();
                 let session = i
                     .pos
                     .lock()
                     .expect("pos")
                     .get(&f41)
+                    .filter(|p| p.day == today)
                     .map(|p| p.session.clone());
                 let Some(session) = session else {
                     answer.set(39, "77");
@@ -632,19 +638,25 @@ impl Gateway {
                         psam,
                         sign_in,
                         session: Arc::new(session),
+                        day: self.local_day(),
                     },
                 );
             }
             Err(e) => {
                 // The centre is unreachable: a POS that signed in here before, with the same
                 // PSAM, gets its last keys again.
+                // Its session then serves today (the POS keeps selling through an outage).
+                let today = self.local_day();
                 let last = i
                     .pos
                     .lock()
                     .expect("pos")
-                    .get(f41)
+                    .get_mut(f41)
                     .filter(|p| p.psam == psam)
-                    .map(|p| p.sign_in.clone());
+                    .map(|p| {
+                        p.day = today;
+                        p.sign_in.clone()
+                    });
                 tracing::warn!(%peer, f41, error = %e, "POS sign-in while the centre is unreachable");
                 match last {
                     Some(f62) => {

@@ -62,7 +62,9 @@ pub struct Posp {
     profile: Arc<Profile>,
     config: PospConfig,
     /// Signed-in terminals by their 12-digit number.
-    sessions: Arc<Mutex<HashMap<String, Arc<TerminalSession>>>>,
+    /// Signed-in terminals by their 12-digit number: the business day of the sign-in and the
+    /// session. A session serves its day only: terminals sign in daily.
+    sessions: Arc<Mutex<HashMap<String, (String, Arc<TerminalSession>)>>>,
     /// Uploaded records on their way to ingest (started on first use).
     ingest_queue: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<IngestJob>>>,
 }
@@ -316,10 +318,9 @@ impl Posp {
                 // Only the connection that signed a terminal in may sign it off.
                 let t = self.terminal_no(request).await?;
                 if t.is_some() && t == *signed_in {
-                    self.sessions
-                        .lock()
-                        .expect("sessions")
-                        .remove(t.as_deref().unwrap_or(""));
+                    let number = t.unwrap_or_default();
+                    self.sessions.lock().expect("sessions").remove(&number);
+                    app::terminals::record_sign_off(&self.app, &number).await?;
                     *signed_in = None;
                     answer.set(39, "00");
                 } else {
@@ -344,13 +345,15 @@ impl Posp {
                 // One registry read a message: the terminal found above gives the session. A
                 // terminal behind a commerce gateway speaks through it: its messages carry the
                 // gateway's MAC.
+                let today = self.app.local_date(0);
                 let session = terminal.as_ref().and_then(|t| {
                     let speaker = t.gateway_no.as_deref().unwrap_or(&t.terminal_no);
                     self.sessions
                         .lock()
                         .expect("sessions")
                         .get(speaker)
-                        .cloned()
+                        .filter(|(day, _)| *day == today)
+                        .map(|(_, s)| s.clone())
                 });
                 let Some(session) = session else {
                     answer.set(39, "77");
@@ -501,7 +504,7 @@ impl Posp {
         self.sessions
             .lock()
             .expect("sessions")
-            .insert(number.clone(), Arc::new(session));
+            .insert(number.clone(), (self.app.local_date(0), Arc::new(session)));
         app::terminals::record_sign_in(&self.app, &number, peer).await?;
         let now = self.app.now().0;
         let secs = self.app.local_ms().div_euclid(1000).rem_euclid(86_400);

@@ -281,11 +281,24 @@ conformance! {
         assert_eq!(exchange(&mut conn, &auth("000112", ASN, 100), Some(&mak)).await.text(39), Some("03"));
         app::terminals::update(&app, &cli, t_id, app::terminals::TerminalPatch { enabled: Some(true), ..Default::default() }).await.unwrap();
         assert_eq!(exchange(&mut conn, &auth("000113", ASN, 100), Some(&mak)).await.text(39), Some("77"));
-        let answer = exchange(&mut conn, &sign_in("00000001", PSAM), None).await;
-        let f62 = answer.get(62).unwrap().to_vec();
-        let mak = tmk.unwrap_des_key(f62[20..28].try_into().unwrap());
+        let sign_in_again = async |conn: &mut TcpStream| {
+            let answer = exchange(conn, &sign_in("00000001", PSAM), None).await;
+            assert_eq!(answer.text(39), Some("00"));
+            tmk.unwrap_des_key(answer.get(62).unwrap()[20..28].try_into().unwrap())
+        };
+        let mak = sign_in_again(&mut conn).await;
+        // A session serves the business day it was made on: the next day, sign in again.
+        clock.advance_ms(86_400_000);
+        assert_eq!(exchange(&mut conn, &auth("000140", ASN, 100), Some(&mak)).await.text(39), Some("77"), "yesterday's keys");
+        let mak = sign_in_again(&mut conn).await;
+        assert_eq!(exchange(&mut conn, &auth("000141", ASN, 100), Some(&mak)).await.text(39), Some("00"));
         clock.advance_ms(5 * 366 * 86_400_000);
+        let mak = sign_in_again(&mut conn).await;
         assert_eq!(exchange(&mut conn, &auth("000108", ASN, 100), Some(&mak)).await.text(39), Some("54"), "expired");
+        // Signed off: the registry no longer shows it signed in.
+        let off = Message::new("0820").with(11, "000142").with(41, "00000001").with(60, "00000001002");
+        assert_eq!(exchange(&mut conn, &off, None).await.text(39), Some("00"));
+        assert_eq!(app::terminals::list(&app, &cli, None, 10).await.unwrap()[0].signed_in_at_ms, None);
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
