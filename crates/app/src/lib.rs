@@ -157,6 +157,19 @@ impl App {
 
     /// Now in the campus's time zone, as milliseconds since 1970 of the local wall clock
     /// (for dates and local times; never for stored instants).
+    /// A moment (UTC milliseconds) as the campus's local `YYYY-MM-DD hh:mm:ss`.
+    pub fn local_time(&self, utc_ms: i64) -> String {
+        let ms = utc_ms + i64::from(self.policy.utc_offset_minutes) * 60_000;
+        let secs = ms.div_euclid(1000).rem_euclid(86_400);
+        format!(
+            "{} {:02}:{:02}:{:02}",
+            cards::date_after_days(Timestamp(ms), 0),
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        )
+    }
+
     pub fn local_ms(&self) -> i64 {
         self.now().0 + i64::from(self.policy.utc_offset_minutes) * 60_000
     }

@@ -947,6 +947,7 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
             &profile,
             &mut s,
             &iso8583::encode(&profile, &m).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None,
         )
         .await?;
         anyhow::ensure!(
@@ -1005,7 +1006,7 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
                     &mak,
                 );
                 let t0 = Instant::now();
-                let a = bench_exchange(&profile, &mut s, &body).await?;
+                let a = bench_exchange(&profile, &mut s, &body, Some(&mak)).await?;
                 lat.push(t0.elapsed());
                 approved += usize::from(a.text(39) == Some("00"));
             }
@@ -1056,7 +1057,7 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
                 let body = request(&profile, &f41, stan, &asns[(i * 31 + k) % asns.len()], &mak);
                 match tokio::time::timeout(
                     std::time::Duration::from_secs(1),
-                    bench_exchange(&profile, &mut s, &body),
+                    bench_exchange(&profile, &mut s, &body, Some(&mak)),
                 )
                 .await
                 {
@@ -1095,10 +1096,12 @@ pub async fn posp(args: PospArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends a framed request and reads its answer; with `mak`, the answer's MAC must verify.
 async fn bench_exchange(
     profile: &iso8583::Profile,
     s: &mut tokio::net::TcpStream,
     body: &[u8],
+    mak: Option<&card::crypto::DesKey>,
 ) -> anyhow::Result<iso8583::Message> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let out = iso8583::frame::build(
@@ -1115,6 +1118,13 @@ async fn bench_exchange(
         if let Some((f, _)) =
             iso8583::frame::split(profile, &buf).map_err(|e| anyhow::anyhow!("{e}"))?
         {
+            if let Some(k) = mak {
+                let ok = iso8583::verify_mac(profile, f.message, |_, mab| {
+                    card::crypto::cups_ecb_mac(k, mab)
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                anyhow::ensure!(ok, "the front end's answer has a bad MAC");
+            }
             return iso8583::decode(profile, f.message).map_err(|e| anyhow::anyhow!("{e}"));
         }
         let n = s.read(&mut chunk).await?;

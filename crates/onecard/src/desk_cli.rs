@@ -813,8 +813,10 @@ pub enum TerminalCommand {
         /// The merchant_payable account its sales credit (required for a POS).
         #[arg(long)]
         merchant: Option<i64>,
+        /// Where it stands ("canteen 2, window 3").
         #[arg(long)]
         location: String,
+        /// The serial of the PSAM bound to it (a gateway: the serial it signs in with).
         #[arg(long)]
         psam: Option<String>,
         /// The commerce gateway (12 hex digits) it sells through, if any.
@@ -823,19 +825,26 @@ pub enum TerminalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every terminal: id, number, kind, merchant, state, PSAM, gateway, signed in, last
+    /// seen, blacklist version held, location.
     List {
         #[arg(long)]
         json: bool,
     },
+    /// Let a terminal sign in and trade again.
     Enable {
+        /// The terminal's id (the first column of `terminal list`).
         id: i64,
     },
+    /// Refuse a terminal at once (its session ends; its records are quarantined).
     Disable {
+        /// The terminal's id (the first column of `terminal list`).
         id: i64,
     },
     /// Bind another PSAM (an empty value unbinds), move to another merchant, place or
     /// gateway (an empty value connects it directly).
     Update {
+        /// The terminal's id (the first column of `terminal list`).
         id: i64,
         #[arg(long)]
         merchant: Option<i64>,
@@ -855,9 +864,7 @@ pub enum TerminalCommand {
     },
     /// Release a quarantined record once its cause is resolved: it is judged again and posts
     /// if it now passes (needs the KEK: the TAC is checked again).
-    Release {
-        id: i64,
-    },
+    Release { id: i64 },
     /// Write a terminal's master key (TMK) to a new file, to load into the terminal or
     /// gateway at installation (needs the KEK; audited). The file gets mode 0600.
     Tmk {
@@ -873,9 +880,11 @@ pub enum TerminalCommand {
     },
 }
 
-fn terminal_line(t: &app::terminals::Terminal) -> String {
+fn terminal_line(app: &App, t: &app::terminals::Terminal) -> String {
+    let when = |ms: Option<i64>, none: &str| ms.map_or(none.to_owned(), |m| app.local_time(m));
     format!(
-        "{:>4}  {}  {:<8} merchant {:<6} {:<9} psam {:<20} via {:<12} last seen {}  {}",
+        "{:>4}  {}  {:<8} merchant {:<6} {:<9} psam {:<20} via {:<12} signed in {:<19}  \
+         last seen {:<19}  blacklist v{}  {}",
         t.id,
         t.terminal_no,
         t.kind.name(),
@@ -883,7 +892,9 @@ fn terminal_line(t: &app::terminals::Terminal) -> String {
         if t.enabled { "enabled" } else { "DISABLED" },
         t.psam_serial.as_deref().unwrap_or("-"),
         t.gateway_no.as_deref().unwrap_or("-"),
-        t.last_seen_at_ms.map_or("never".into(), |m| m.to_string()),
+        when(t.signed_in_at_ms, "no"),
+        when(t.last_seen_at_ms, "never"),
+        t.blacklist_version,
         t.location
     )
 }
@@ -914,12 +925,17 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            print(json, &t, |t| format!("registered {}", terminal_line(t)));
+            print(json, &t, |t| {
+                format!("registered {}", terminal_line(app, t))
+            });
         }
         TerminalCommand::List { json } => {
             let all = terminals::list(app, &a, None, terminals::TERMINALS_LIST_MAX).await?;
             print(json, &all, |all| {
-                all.iter().map(terminal_line).collect::<Vec<_>>().join("\n")
+                all.iter()
+                    .map(|t| terminal_line(app, t))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         TerminalCommand::Enable { id } | TerminalCommand::Disable { id } => {
@@ -930,7 +946,7 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                terminal_line(&terminals::update(app, &a, id, patch).await?)
+                terminal_line(app, &terminals::update(app, &a, id, patch).await?)
             );
         }
         TerminalCommand::Update {
@@ -949,7 +965,7 @@ pub async fn terminal(app: &App, cmd: TerminalCommand) -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                terminal_line(&terminals::update(app, &a, id, patch).await?)
+                terminal_line(app, &terminals::update(app, &a, id, patch).await?)
             );
         }
         TerminalCommand::Quarantine { limit, json } => {

@@ -59,7 +59,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the HTTP server (/healthz, /api/v1).
+    /// Run the HTTP server (/healthz, /api/v1); with `[posp] listen` in the configuration or
+    /// ONECARD_POSP_LISTEN=IP:PORT (and the KEK), the terminal front end too.
     Serve(ServeArgs),
     /// Fill the database with a demo campus (if empty), then serve it.
     Demo {
