@@ -54,6 +54,9 @@ impl Default for PospConfig {
     }
 }
 
+/// A signed-in terminal's session and the business day it was made on.
+type DaySession = (String, Arc<TerminalSession>);
+
 /// What the front end shares between connections.
 #[derive(Clone)]
 pub struct Posp {
@@ -64,7 +67,7 @@ pub struct Posp {
     /// Signed-in terminals by their 12-digit number.
     /// Signed-in terminals by their 12-digit number: the business day of the sign-in and the
     /// session. A session serves its day only: terminals sign in daily.
-    sessions: Arc<Mutex<HashMap<String, (String, Arc<TerminalSession>)>>>,
+    sessions: Arc<Mutex<HashMap<String, DaySession>>>,
     /// Uploaded records on their way to ingest (started on first use).
     ingest_queue: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<IngestJob>>>,
 }
