@@ -472,6 +472,16 @@ impl Gateway {
                 }
                 Ok(Some(plain(&answer)?))
             }
+            ("0800", "360") => {
+                // Parameters come from the centre; without it, 96 (the POS keeps its own).
+                match self.call(&request, false).await {
+                    Ok(centre) => answer = centre,
+                    Err(_) => {
+                        answer.set(39, "96");
+                    }
+                }
+                Ok(Some(plain(&answer)?))
+            }
             ("0800", "391") => {
                 let since = request
                     .text(48)

@@ -164,6 +164,10 @@ conformance! {
         let mut imposter = Pos::connect(gw_addr, p1).await;
         assert_eq!(imposter.sign_in("00000000000000000998").await.text(39), Some("03"));
 
+        // Parameters come from the centre through the gateway.
+        let params = Message::new("0800").with(11, "000002").with(41, pos.f41.clone()).with(42, "000000000000001").with(60, "00000001360");
+        let answer = pos.send(&params, false).await;
+        assert_eq!((answer.text(39), answer.text(48).map(str::len)), (Some("00"), Some(64)));
         // Relayed authorisation; a bad MAC; a terminal that has not signed in.
         let a = pos.send(&pos.authorisation("000010", &asns[0], 100), true).await;
         assert_eq!(a.text(39), Some("00"));
@@ -199,6 +203,7 @@ conformance! {
         assert_eq!(pos.send(&pos.authorisation("000024", &asns[1], 29_500), true).await.text(39), Some("00"), "the reversal freed the limit");
         assert_eq!(pos.send(&pos.reversal("000012", &asns[0], 200), true).await.text(39), Some("00"), "the centre's approval: reversal kept");
 
+        assert_eq!(pos.send(&params, false).await.text(39), Some("96"), "no parameters without the centre");
         // Sign-in again while the centre is down: the last keys; a POS never seen: 96.
         let mut pos_again = Pos::connect(gw_addr, p1).await;
         let resigned = pos_again.sign_in(&psam1).await;

@@ -204,6 +204,33 @@ fn examples() -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "parameter download request",
+            plain(
+                true,
+                &Message::new("0800")
+                    .with(11, "000008")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(60, "00000001360"),
+            ),
+        ),
+        (
+            "parameter download response",
+            plain(
+                false,
+                &Message::new("0810")
+                    .with(11, "000008")
+                    .with(39, "00")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(
+                        48,
+                        "2026112800000000060000000300000000001000000000001000000000000005",
+                    )
+                    .with(60, "00000001360"),
+            ),
+        ),
+        (
             "settlement request",
             plain(
                 true,

@@ -247,6 +247,35 @@ impl Posp {
                 }
                 Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
+            ("0800", "360") => {
+                // Parameter download (docs/protocol.md 6.9).
+                let Some(t) = (match request.text(41) {
+                    Some(f41) => app::terminals::by_f41(&self.app, f41.trim()).await?,
+                    None => None,
+                }) else {
+                    answer.set(39, "03");
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
+                };
+                let head = app::cards::blacklist_page(&self.app, &actor(peer), i64::MAX, 1)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .version;
+                let limits = app::authorise::AuthorisationPolicy::default();
+                let records = app::ingest::IngestPolicy::default();
+                answer.set(
+                    48,
+                    format!(
+                        "{}{head:010}{:012}{:012}{:012}{:010}",
+                        self.app.local_date(0).replace('-', ""),
+                        limits.daily_limit_fen,
+                        limits.amount_fen_max,
+                        records.record_amount_fen_max,
+                        t.merchant_account_id.unwrap_or(0)
+                    ),
+                );
+                answer.set(39, "00");
+                Ok(Some(Reply::Now(self.encode(&answer)?)))
+            }
             ("0800", "391") => {
                 let Some(terminal_no) = self.terminal_no(request).await? else {
                     answer.set(39, "03");

@@ -253,6 +253,19 @@ conformance! {
         assert_eq!(answer.text(48), Some("0000000002000"));
         let held = app::terminals::list(&app, &cli, None, 10).await.unwrap();
         assert_eq!(held[0].blacklist_version, 2);
+        // Parameters: business day, blacklist version, the card's daily limit, the largest
+        // purchase, the largest offline record, the merchant account.
+        let params = Message::new("0800").with(11, "000150").with(41, "00000001").with(42, "000000000000001").with(60, "00000001360");
+        let answer = exchange(&mut conn, &params, None).await;
+        assert_eq!(answer.text(39), Some("00"));
+        let f48 = answer.text(48).unwrap().to_owned();
+        assert_eq!(f48.len(), 64, "{f48}");
+        assert_eq!(&f48[..8], app.local_date(0).replace('-', ""));
+        assert_eq!(&f48[8..18], "0000000002", "the blacklist version to download up to");
+        assert_eq!(&f48[18..30], "000000030000", "the card's daily limit");
+        assert_eq!(f48[54..64].parse::<i64>().unwrap(), canteen.get(), "the merchant account");
+        let unknown = Message::new("0800").with(11, "000151").with(41, "00000009").with(42, "000000000000001").with(60, "00000001360");
+        assert_eq!(exchange(&mut conn, &unknown, None).await.text(39), Some("03"));
         // More changes than one message holds: the terminal follows "more" to the end.
         for _ in 0..8 {
             app::cards::report_loss(&app, &cli, issued.id).await.unwrap();
