@@ -221,8 +221,8 @@ pub(crate) async fn insert_issued(
     let row = tx
         .query_one(
             "INSERT INTO cards (asn, cardholder_id, status, purse_account_id, deposit_fen, \
-             expires_on, issued_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
-             RETURNING id",
+             expires_on, issued_at, updated_at, key_version) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+             $7, (SELECT key_version FROM card_stock WHERE asn = $1)) RETURNING id",
             params![
                 asn,
                 cardholder_id,

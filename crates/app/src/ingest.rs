@@ -116,6 +116,7 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
 fn check(
     module: &dyn SecurityModule,
     policy: &IngestPolicy,
+    key_versions: &HashMap<String, u8>,
     index: usize,
     r: OfflineRecord,
 ) -> Checked {
@@ -167,7 +168,13 @@ fn check(
                 r.amount_fen, r.balance_before_fen
             ));
         }
-        let Some(version) = module.current_version(KeyKind::Tac) else {
+        // The version the card was initialised under; the newest for cards from before
+        // versions were recorded.
+        let Some(version) = key_versions
+            .get(&r.asn)
+            .copied()
+            .or_else(|| module.current_version(KeyKind::Tac))
+        else {
             return Some("no TAC master key: run the key ceremony".into());
         };
         let input = PurchaseTacInput {
@@ -268,12 +275,36 @@ async fn ingest_releasing(
             ),
         ));
     }
-    // TACs are checked before the transaction opens: it must not wait for anything but the
-    // database, and this is the CPU-heavy part.
+    // The key version of each card (one read per 500 cards), then the TACs: before the
+    // transaction opens, which must not wait for anything but the database.
+    let mut key_versions: HashMap<String, u8> = HashMap::new();
+    let mut asns: Vec<&str> = records.iter().map(|r| r.asn.as_str()).collect();
+    asns.sort_unstable();
+    asns.dedup();
+    for chunk in asns.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let values: Vec<store::Value> = chunk.iter().map(|a| (*a).to_owned().into()).collect();
+        for row in app
+            .store()
+            .query(
+                &format!(
+                    "SELECT asn, key_version FROM cards WHERE key_version IS NOT NULL \
+                     AND asn IN ({})",
+                    placeholders.join(", ")
+                ),
+                &values,
+            )
+            .await?
+        {
+            if let Ok(v) = u8::try_from(row.int(1)?) {
+                key_versions.insert(row.text(0)?, v);
+            }
+        }
+    }
     let mut checked: Vec<Checked> = records
         .into_iter()
         .enumerate()
-        .map(|(i, r)| check(module, &policy, i, r))
+        .map(|(i, r)| check(module, &policy, &key_versions, i, r))
         .collect();
     // Per card in counter order, so gaps and continuity are judged in order.
     checked.sort_by(|a, b| {

@@ -336,6 +336,20 @@ async fn change_range(
                         ),
                     ));
                 }
+                if to == StockState::Initialised {
+                    // Initialising writes the card keys of the newest version: recorded, so
+                    // the card's TACs are checked with them after a rotation.
+                    tx.execute(
+                        "UPDATE card_stock SET key_version = (SELECT MAX(version) FROM \
+                         master_keys WHERE kind = $1) WHERE asn BETWEEN $2 AND $3",
+                        params![
+                            crate::security::KeyKind::Tac as i64,
+                            format_asn(first),
+                            format_asn(last)
+                        ],
+                    )
+                    .await?;
+                }
                 let from_state = (from.len() == 1).then(|| from[0]);
                 move_range(tx, &actor, now, action, first, last, from_state, to, &note).await
             })

@@ -76,6 +76,8 @@ pub struct Terminal {
     pub blacklist_version: i64,
     /// The commerce gateway this terminal is behind (it speaks for the terminal), if any.
     pub gateway_no: Option<String>,
+    /// The terminal-master key version its TMK comes from (the newest at registration).
+    pub tmk_version: Option<i64>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -143,7 +145,8 @@ fn check_psam(s: &str) -> AppResult<Option<String>> {
 }
 
 const COLUMNS: &str = "id, terminal_no, kind, merchant_account_id, location, psam_serial, enabled, \
-                       last_seen_at, signed_in_at, blacklist_version, created_at, updated_at, gateway_no";
+                       last_seen_at, signed_in_at, blacklist_version, created_at, updated_at, gateway_no, \
+                       tmk_version";
 
 fn from_row(r: &store::Row) -> anyhow::Result<Terminal> {
     Ok(Terminal {
@@ -160,6 +163,7 @@ fn from_row(r: &store::Row) -> anyhow::Result<Terminal> {
         created_at_ms: r.int(10)?,
         updated_at_ms: r.int(11)?,
         gateway_no: r.opt_text(12)?,
+        tmk_version: r.opt_int(13)?,
     })
 }
 
@@ -266,8 +270,9 @@ pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<T
                 let id = tx
                     .query_one(
                         "INSERT INTO terminals (terminal_no, kind, merchant_account_id, location, \
-                         psam_serial, created_at, updated_at, gateway_no) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $6, $7) RETURNING id",
+                         psam_serial, created_at, updated_at, gateway_no, tmk_version) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $6, $7, (SELECT MAX(version) FROM \
+                         master_keys WHERE kind = $8)) RETURNING id",
                         params![
                             terminal_no.clone(),
                             new.kind.code(),
@@ -275,7 +280,8 @@ pub async fn register(app: &App, actor: &Actor, new: NewTerminal) -> AppResult<T
                             location.clone(),
                             psam.clone(),
                             now.0,
-                            gateway.clone()
+                            gateway.clone(),
+                            crate::security::KeyKind::TerminalMaster as i64
                         ],
                     )
                     .await?

@@ -211,6 +211,14 @@ conformance! {
         app.set_account_status(issued.purse_account, ledger::AccountStatus::Open).await.unwrap();
         let q = ingest::quarantined(&app, &cli, None, 50).await.unwrap();
         assert_eq!(q.len(), 6, "{q:?}"); // forged, replayed, over, unknown card, junk, frozen (disabled: released)
+        // The TAC master key is rotated: the card, initialised under version 1, still makes
+        // version-1 TACs, and its records are checked with version 1 (recorded at issue).
+        SoftwareSecurityModule::rotate(app.store(), &kek, &[app::security::KeyKind::Tac], PurseAlgorithm::Tdes, Timestamp(1)).await.unwrap();
+        let rotated = SoftwareSecurityModule::open(app.store(), &kek).await.unwrap();
+        assert_eq!(app::security::SecurityModule::current_version(&rotated, app::security::KeyKind::Tac), Some(2));
+        let r8 = buy(&mut card, &mut psam, 100, "20261128160000");
+        let out = ingest::ingest(&app, &rotated, policy, vec![upload(&r8)]).await.unwrap();
+        assert!(matches!(out[0], IngestOutcome::Posted { .. }), "checked with the card's version: {out:?}");
         assert!(app.check().await.unwrap().is_ok());
         assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
         assert!(terminals::get(&app, &cli, t.id).await.unwrap().last_seen_at_ms.is_some());

@@ -1028,12 +1028,15 @@ pub async fn export_tmk(
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
     let t = app::terminals::parse_terminal_no(terminal_no)?;
-    app::terminals::by_f41(app, &t[4..])
+    let row = app::terminals::by_f41(app, &t[4..])
         .await?
         .filter(|r| r.terminal_no == t)
         .with_context(|| format!("terminal {t} is not registered"))?;
-    let version = module
-        .current_version(app::security::KeyKind::TerminalMaster)
+    // The version recorded at registration: the one the centre signs it in under.
+    let version = row
+        .tmk_version
+        .and_then(|v| u8::try_from(v).ok())
+        .or_else(|| module.current_version(app::security::KeyKind::TerminalMaster))
         .context("no terminal master key: run `onecard keys ceremony`")?;
     let tmk = module.terminal_master(version, &app::terminals::terminal_id(&t)?)?;
     let mut options = std::fs::OpenOptions::new();

@@ -521,16 +521,24 @@ impl Posp {
         let t = terminal.expect("checked");
         let number = t.terminal_no.clone();
         let id = app::terminals::terminal_id(&number).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let version = self
-            .module
-            .current_version(KeyKind::TerminalMaster)
-            .ok_or_else(|| anyhow::anyhow!("no terminal master key: run the key ceremony"))?;
-        let (f62, session) = self.module.terminal_sign_in(version, &id)?;
+        // The TMK the terminal was installed with: the version recorded at registration.
+        let tmk_version = |t: &app::terminals::Terminal| {
+            t.tmk_version
+                .and_then(|v| u8::try_from(v).ok())
+                .or_else(|| self.module.current_version(KeyKind::TerminalMaster))
+                .ok_or_else(|| anyhow::anyhow!("no terminal master key: run the key ceremony"))
+        };
+        let (f62, session) = self.module.terminal_sign_in(tmk_version(&t)?, &id)?;
         if let Some(g) = &t.gateway_no {
             // Behind a gateway: the gateway gets the terminal's MAC key under its own TMK, to
             // check and make the terminal's MACs (also while the centre is unreachable).
+            let gateway_row = app::terminals::by_f41(&self.app, &g[4..])
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("gateway {g} is not registered"))?;
             let gateway = app::terminals::terminal_id(g).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let delegated = self.module.delegate_session(version, &gateway, &session)?;
+            let delegated =
+                self.module
+                    .delegate_session(tmk_version(&gateway_row)?, &gateway, &session)?;
             answer.set(63, hex(&delegated));
         }
         self.sessions

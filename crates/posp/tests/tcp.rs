@@ -315,6 +315,22 @@ conformance! {
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+
+        // The terminal-master key is rotated; the centre restarts with the new version. The
+        // terminal keeps the TMK it was installed with, so it is signed in under that one.
+        SoftwareSecurityModule::rotate(app.store(), &kek, &[KeyKind::TerminalMaster], PurseAlgorithm::Tdes, Timestamp(1)).await.unwrap();
+        let rotated: Arc<dyn SecurityModule> = Arc::new(SoftwareSecurityModule::open(app.store(), &kek).await.unwrap());
+        assert_eq!(rotated.current_version(KeyKind::TerminalMaster), Some(2));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(posp::Posp::new(app.clone(), rotated, posp::PospConfig::default()).serve(listener, async { let _ = stopped.await; }));
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // (sign_in_again checks the keys' check values under the installed, version-1 TMK.)
+        let mak = sign_in_again(&mut conn).await;
+        assert_eq!(exchange(&mut conn, &auth("000160", ASN, 100), Some(&mak)).await.text(39), Some("54"), "signed in and MACs agree (the card expired above)");
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
         assert!(app.check().await.unwrap().is_ok());
         assert!(app::audit::verify(app.store()).await.unwrap().is_ok());
     }

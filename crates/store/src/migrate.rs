@@ -77,6 +77,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "purchase_key",
         sql: include_str!("../migrations/sqlite/0010_purchase_key.sql"),
     },
+    Source {
+        version: 11,
+        name: "key_versions",
+        sql: include_str!("../migrations/sqlite/0011_key_versions.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -129,6 +134,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 10,
         name: "purchase_key",
         sql: include_str!("../migrations/postgres/0010_purchase_key.sql"),
+    },
+    Source {
+        version: 11,
+        name: "key_versions",
+        sql: include_str!("../migrations/postgres/0011_key_versions.sql"),
     },
 ];
 
