@@ -451,26 +451,37 @@ async fn decide_and_write(
     // otherwise post twice. Read under the locks: every batch posting for a terminal locks
     // its merchant account.
     let mut purchases: HashMap<(String, i64, Vec<u8>), (String, i64)> = HashMap::new();
-    let mut ttc_ranges: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut ttcs: HashMap<String, Vec<i64>> = HashMap::new();
     for c in checked.iter().filter(|c| c.problem.is_none()) {
-        let t = c.record.terminal_no.to_ascii_uppercase();
-        let ttc = i64::from(c.record.ttc);
-        let range = ttc_ranges.entry(t).or_insert((ttc, ttc));
-        *range = (range.0.min(ttc), range.1.max(ttc));
+        ttcs.entry(c.record.terminal_no.to_ascii_uppercase())
+            .or_default()
+            .push(i64::from(c.record.ttc));
     }
-    for (terminal_no, (low, high)) in &ttc_ranges {
-        for row in tx
-            .query(
-                "SELECT ttc, tac, asn, counter FROM offline_records WHERE terminal_no = $1 \
-                 AND ttc BETWEEN $2 AND $3 AND status = 0",
-                params![terminal_no.clone(), *low, *high],
-            )
-            .await?
-        {
-            purchases.insert(
-                (terminal_no.clone(), row.int(0)?, row.blob(1)?),
-                (row.text(2)?, row.int(3)?),
-            );
+    for (terminal_no, mut list) in ttcs {
+        list.sort_unstable();
+        list.dedup();
+        // One index seek per record, 500 to a statement.
+        for chunk in list.chunks(500) {
+            let placeholders: Vec<String> =
+                (2..=chunk.len() + 1).map(|i| format!("${i}")).collect();
+            let mut values: Vec<store::Value> = vec![terminal_no.clone().into()];
+            values.extend(chunk.iter().map(|&t| store::Value::from(t)));
+            for row in tx
+                .query(
+                    &format!(
+                        "SELECT ttc, tac, asn, counter FROM offline_records WHERE terminal_no = $1 \
+                         AND ttc IN ({}) AND status = 0",
+                        placeholders.join(", ")
+                    ),
+                    &values,
+                )
+                .await?
+            {
+                purchases.insert(
+                    (terminal_no.clone(), row.int(0)?, row.blob(1)?),
+                    (row.text(2)?, row.int(3)?),
+                );
+            }
         }
     }
     // Under the locks (each card's purse account is locked by every batch that posts for
