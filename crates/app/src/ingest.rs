@@ -458,9 +458,19 @@ async fn decide_and_write(
             .push(i64::from(c.record.ttc));
     }
     for (terminal_no, mut list) in ttcs {
+        // A PSAM's TTC only grows: a TTC above the terminal's highest posted one is new and
+        // needs no lookup (one index seek per terminal); the others, one seek each.
+        let highest = tx
+            .query_one(
+                "SELECT CAST(COALESCE(MAX(ttc), -1) AS BIGINT) FROM offline_records \
+                 WHERE terminal_no = $1 AND status = 0",
+                params![terminal_no.clone()],
+            )
+            .await?
+            .int(0)?;
+        list.retain(|&t| t <= highest);
         list.sort_unstable();
         list.dedup();
-        // One index seek per record, 500 to a statement.
         for chunk in list.chunks(500) {
             let placeholders: Vec<String> =
                 (2..=chunk.len() + 1).map(|i| format!("${i}")).collect();

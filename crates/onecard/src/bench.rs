@@ -770,14 +770,15 @@ async fn offline_fixture(
         .expect("ceremony made it");
     let terminal = TerminalId::new([0, 0, 0, 0, 0, 1]);
     let mut per_card_records: Vec<Vec<OfflineRecord>> = Vec::with_capacity(purses.len());
-    let mut ttc = 0u32;
-    for (asn_text, _) in &purses {
+    // The PSAM's TTC follows the upload order (cards interleaved), as a terminal's does.
+    let cards_n = purses.len() as u32;
+    for (card_index, (asn_text, _)) in purses.iter().enumerate() {
         let asn = Asn::parse_digits(asn_text).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let tac_key = module.card_keys(version, &asn)?.tac.tac_key();
         let mut balance = load_fen as u32;
         let mut list = Vec::with_capacity(per_card);
         for k in 0..per_card {
-            ttc += 1;
+            let ttc = k as u32 * cards_n + card_index as u32 + 1;
             let amount = 100 + (ttc % 800);
             let at = format!(
                 "20261128{:02}{:02}{:02}",
