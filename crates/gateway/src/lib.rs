@@ -898,11 +898,20 @@ impl Gateway {
                 "blacklist page of {} digits",
                 f48.len()
             );
-            // The page carries no per-change versions: they follow `since` one by one.
+            // The page names the version held after it (its last change's): versions are
+            // consecutive, so the page's changes are the n versions ending there, and they
+            // must follow the mirror's.
+            let held: i64 = f48[..10].parse()?;
+            let first = held - n as i64 + 1;
+            anyhow::ensure!(
+                n == 0 || first == since + 1,
+                "the centre's blacklist page holds versions {first} to {held}, the mirror is at \
+                 {since}"
+            );
             let changes: Vec<(i64, bool, String)> = (0..n)
                 .map(|k| {
                     let e = &f48[13 + 21 * k..13 + 21 * (k + 1)];
-                    (since + 1 + k as i64, &e[..1] == "1", e[1..].to_owned())
+                    (first + k as i64, &e[..1] == "1", e[1..].to_owned())
                 })
                 .collect();
             let out = i.outbox.clone();

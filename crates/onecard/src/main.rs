@@ -367,13 +367,10 @@ struct GatewayArgs {
     /// `onecard terminal tmk` wrote it at the centre.
     #[arg(long, env = "ONECARD_GATEWAY_TMK_FILE")]
     tmk_file: std::path::PathBuf,
-    /// The outbox: the gateway's own SQLite file.
-    #[arg(
-        long,
-        env = "ONECARD_GATEWAY_OUTBOX",
-        default_value = "data/gateway.sqlite"
-    )]
-    outbox: std::path::PathBuf,
+    /// The outbox: the gateway's own SQLite file (default: gateway.sqlite in the data
+    /// directory).
+    #[arg(long, env = "ONECARD_GATEWAY_OUTBOX")]
+    outbox: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -572,7 +569,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
-        Command::Gateway(args) => run_gateway(args).await?,
+        Command::Gateway(args) => {
+            let outbox = args
+                .outbox
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("gateway.sqlite"));
+            run_gateway(args, outbox).await?
+        }
         Command::Terminal(desk_cli::TerminalCommand::Tmk { terminal_no, out }) => {
             let kek = load_kek(&config).context(
                 "a terminal master key comes from the security module: it needs the KEK",
@@ -1228,17 +1231,34 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::Result<()> {
     gateway::check_address(&args.centre)?;
-    let text = std::fs::read_to_string(&args.tmk_file)
-        .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&args.tmk_file)
+            .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?
+            .permissions()
+            .mode();
+        anyhow::ensure!(
+            mode & 0o077 == 0,
+            "{} holds a key and may be read by others (mode {:o}): chmod 600 it",
+            args.tmk_file.display(),
+            mode & 0o777
+        );
+    }
+    // The key's text is wiped from memory when dropped.
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&args.tmk_file)
+            .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?,
+    );
     let text = text.trim();
-    let bytes: Option<Vec<u8>> = (text.len() == 32)
+    let bytes: Option<zeroize::Zeroizing<Vec<u8>>> = (text.len() == 32)
         .then(|| {
             (0..32)
                 .step_by(2)
                 .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-                .collect()
+                .collect::<Option<Vec<u8>>>()
+                .map(zeroize::Zeroizing::new)
         })
         .flatten();
     let tmk = bytes
@@ -1254,7 +1274,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let gw = gateway::Gateway::open(
         gateway::GatewayConfig::new(&args.centre, &terminal, &args.serial),
         tmk,
-        &args.outbox,
+        &outbox,
     )?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -1264,7 +1284,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         "commerce gateway {terminal} listening on {} for POS, centre {}, outbox {} ({} waiting)",
         listener.local_addr()?,
         args.centre,
-        args.outbox.display(),
+        outbox.display(),
         stats.pending
     );
     gw.serve(listener, async {

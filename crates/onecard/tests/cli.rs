@@ -1228,6 +1228,12 @@ fn a_commerce_gateway_between_simulated_pos_and_the_centre() {
     let args = gw_args(bad.to_str().unwrap(), "127.0.0.1:1");
     refused(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "chmod 600",
+    );
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let args = gw_args(bad.to_str().unwrap(), "127.0.0.1:1");
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         "32 hex digits",
     );
     let args = gw_args(tmk_s, "no-port-here");
