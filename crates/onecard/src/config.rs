@@ -39,7 +39,7 @@ struct FileConfig {
     kek_file: Option<PathBuf>,
     log: Option<String>,
     http: Option<HttpFile>,
-    posp: Option<HttpFile>,
+    posp: Option<PospFile>,
     cards: Option<CardsFile>,
     /// The campus's time zone, minutes east of UTC (480 for China).
     utc_offset_minutes: Option<i32>,
@@ -62,6 +62,19 @@ struct HttpFile {
     listen: Option<String>,
 }
 
+/// `[posp]`: the terminal front end and the limits it applies.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PospFile {
+    listen: Option<String>,
+    /// What one card may be authorised for online in a business day.
+    card_daily_limit_fen: Option<i64>,
+    /// The largest purchase authorised online.
+    purchase_max_fen: Option<i64>,
+    /// The largest offline record posted; larger ones are quarantined.
+    record_max_fen: Option<u32>,
+}
+
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -76,6 +89,9 @@ pub struct Config {
     pub kek_file: Option<PathBuf>,
     pub kek_env: Option<secrecy::SecretString>,
     pub card_policy: app::CardPolicy,
+    /// The terminal front end's limits (`[posp]`).
+    pub authorisation: app::authorise::AuthorisationPolicy,
+    pub ingest: app::ingest::IngestPolicy,
 }
 
 /// Values given on the command line, which win over everything else.
@@ -146,7 +162,26 @@ impl Config {
         let http_listen = listen_text.parse().map_err(|_| {
             anyhow::anyhow!("invalid HTTP listen address {listen_text:?}: expected IP:PORT such as {HTTP_LISTEN_DEFAULT}")
         })?;
-        let posp_listen = match env("ONECARD_POSP_LISTEN").or(file.posp.and_then(|p| p.listen)) {
+        let posp_file = file.posp.unwrap_or_default();
+        let mut authorisation = app::authorise::AuthorisationPolicy::default();
+        let mut ingest = app::ingest::IngestPolicy::default();
+        let money = |name: &str, v: i64| {
+            anyhow::ensure!(
+                (1..=100_000_000).contains(&v),
+                "[posp] {name} = {v} must be 1 to 100000000 fen"
+            );
+            Ok(v)
+        };
+        if let Some(v) = posp_file.card_daily_limit_fen {
+            authorisation.daily_limit_fen = money("card_daily_limit_fen", v)?;
+        }
+        if let Some(v) = posp_file.purchase_max_fen {
+            authorisation.amount_fen_max = money("purchase_max_fen", v)?;
+        }
+        if let Some(v) = posp_file.record_max_fen {
+            ingest.record_amount_fen_max = money("record_max_fen", i64::from(v))? as u32;
+        }
+        let posp_listen = match env("ONECARD_POSP_LISTEN").or(posp_file.listen) {
             Some(text) => Some(text.parse().map_err(|_| {
                 anyhow::anyhow!("invalid terminal front end address {text:?}: expected IP:PORT such as 127.0.0.1:9000")
             })?),
@@ -201,6 +236,8 @@ impl Config {
             kek_file,
             kek_env,
             card_policy,
+            authorisation,
+            ingest,
         })
     }
 }
@@ -247,6 +284,32 @@ mod tests {
         std::fs::write(&file, "[cards]\ndeposit = 1\n").unwrap();
         let e = load(over(), &[]).unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn the_terminal_limits_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let over = || Overrides {
+            config_file: Some(file.clone()),
+            ..Overrides::default()
+        };
+        std::fs::write(
+            &file,
+            "[posp]\nlisten = \"127.0.0.1:9100\"\ncard_daily_limit_fen = 50000\nrecord_max_fen = 2000\n",
+        )
+        .unwrap();
+        let c = load(over(), &[]).unwrap();
+        assert_eq!(c.posp_listen.unwrap().port(), 9100);
+        assert_eq!(c.authorisation.daily_limit_fen, 50_000);
+        assert_eq!(
+            c.authorisation.amount_fen_max,
+            app::authorise::AuthorisationPolicy::default().amount_fen_max
+        );
+        assert_eq!(c.ingest.record_amount_fen_max, 2_000);
+        std::fs::write(&file, "[posp]\npurchase_max_fen = 0\n").unwrap();
+        let e = load(over(), &[]).unwrap_err().to_string();
+        assert!(e.contains("purchase_max_fen = 0"), "{e}");
     }
 
     #[test]

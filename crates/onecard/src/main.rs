@@ -589,14 +589,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("releasing a record checks its TAC again: it needs the KEK")?;
             let app = app(&config, open(&config, false).await?);
             let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
-            let out = app::ingest::release(
-                &app,
-                &module,
-                &app::Actor::cli(),
-                app::ingest::IngestPolicy::default(),
-                id,
-            )
-            .await?;
+            let out =
+                app::ingest::release(&app, &module, &app::Actor::cli(), config.ingest, id).await?;
             println!("record {id}: {}", serde_json::to_string(&out)?);
         }
         Command::Terminal(cmd) => {
@@ -692,7 +686,15 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening for terminals on {at}"))?;
             println!("terminal front end on {}", listener.local_addr()?);
-            let front = posp::Posp::new(app.clone(), module, posp::PospConfig::default());
+            let front = posp::Posp::new(
+                app.clone(),
+                module,
+                posp::PospConfig {
+                    authorisation: config.authorisation,
+                    ingest: config.ingest,
+                    ..posp::PospConfig::default()
+                },
+            );
             Some(tokio::spawn(front.serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
             })))

@@ -42,6 +42,10 @@ pub struct PospConfig {
     pub connections_max: usize,
     pub message_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// Online authorisation limits (a card's daily total, the largest purchase).
+    pub authorisation: app::authorise::AuthorisationPolicy,
+    /// Offline record limits (the largest record posted; larger ones are quarantined).
+    pub ingest: app::ingest::IngestPolicy,
 }
 
 impl Default for PospConfig {
@@ -50,6 +54,8 @@ impl Default for PospConfig {
             connections_max: 1_024,
             message_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
+            authorisation: app::authorise::AuthorisationPolicy::default(),
+            ingest: app::ingest::IngestPolicy::default(),
         }
     }
 }
@@ -88,6 +94,7 @@ const INGEST_QUEUE_MAX: usize = 4_096;
 async fn ingest_batches(
     app: App,
     module: Arc<dyn SecurityModule>,
+    policy: app::ingest::IngestPolicy,
     mut queue: tokio::sync::mpsc::Receiver<IngestJob>,
 ) {
     let mut carry: Option<IngestJob> = None;
@@ -116,13 +123,7 @@ async fn ingest_batches(
             records.extend(j.records);
         }
         let started = std::time::Instant::now();
-        let outcome = app::ingest::ingest(
-            &app,
-            module.as_ref(),
-            app::ingest::IngestPolicy::default(),
-            records,
-        )
-        .await;
+        let outcome = app::ingest::ingest(&app, module.as_ref(), policy, records).await;
         tracing::debug!(
             records = count,
             uploads = replies.len(),
@@ -175,7 +176,12 @@ impl Posp {
     > {
         let queue = self.ingest_queue.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE_MAX);
-            tokio::spawn(ingest_batches(self.app.clone(), self.module.clone(), rx));
+            tokio::spawn(ingest_batches(
+                self.app.clone(),
+                self.module.clone(),
+                self.config.ingest,
+                rx,
+            ));
             tx
         });
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -260,8 +266,8 @@ impl Posp {
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .version;
-                let limits = app::authorise::AuthorisationPolicy::default();
-                let records = app::ingest::IngestPolicy::default();
+                let limits = self.config.authorisation;
+                let records = self.config.ingest;
                 answer.set(
                     48,
                     format!(
@@ -579,7 +585,7 @@ impl Posp {
         };
         let decision = app::authorise::authorise(
             &self.app,
-            app::authorise::AuthorisationPolicy::default(),
+            self.config.authorisation,
             app::authorise::AuthorisationRequest {
                 terminal_no,
                 batch,
