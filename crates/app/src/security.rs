@@ -243,8 +243,45 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
         session: &TerminalSession,
     ) -> anyhow::Result<[u8; 12]>;
 
+    /// The bank master key (BMK) of `version` shared with the bank `bank_id` (its
+    /// institution code): the bank-master key diversified by the code. It leaves the module
+    /// only towards the bank (at the key ceremony with the bank, or to the bank simulator).
+    fn bank_master(&self, version: u8, bank_id: &str) -> anyhow::Result<Tdes2Key>;
+
+    /// The campus side of a bank sign-in (spec 3.6, 60.3 `003`): the bank's field 62 (a PIN
+    /// key and a MAC key under the BMK, each with its check value), checked, kept in a
+    /// session. A key whose check value does not match refuses the sign-in.
+    fn bank_sign_in(&self, version: u8, bank_id: &str, f62: &[u8]) -> anyhow::Result<BankSession>;
+
     /// Kinds, versions and check values: never keys.
     fn list(&self) -> Vec<KeyInfo>;
+}
+
+/// A bank link's working keys for one day, inside the module's process: the MAC key for
+/// every financial message and the PIN key that bank PIN blocks are encrypted under.
+pub struct BankSession {
+    pik: Tdes2Key,
+    mac: TerminalSession,
+}
+
+impl fmt::Debug for BankSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BankSession(<redacted>)")
+    }
+}
+
+impl BankSession {
+    /// The MAC of `data` with the day's MAC key.
+    pub fn mac(&self, algorithm: iso8583::MacAlgorithm, data: &[u8]) -> anyhow::Result<[u8; 8]> {
+        self.mac.mac(algorithm, data)
+    }
+
+    /// A clear ISO 9564 format-0 PIN block encrypted under the bank's PIN key (field 52).
+    /// The kiosk's PIN block reaches this step translated from the kiosk's PIN key, never as a
+    /// PIN in clear outside the module.
+    pub fn encrypt_pin_block(&self, block: &card::crypto::PinBlock) -> [u8; 8] {
+        block.encrypt(&self.pik)
+    }
 }
 
 /// A signed-in terminal's working MAC key, inside the module's process. A hardware module
@@ -625,6 +662,48 @@ impl SecurityModule for SoftwareSecurityModule {
         out[..8].copy_from_slice(&tmk.wrap_des_key(&session.mak));
         out[8..].copy_from_slice(&session.mak.check_value());
         Ok(out)
+    }
+
+    fn bank_master(&self, version: u8, bank_id: &str) -> anyhow::Result<Tdes2Key> {
+        let master = self.key(KeyKind::BankMaster, version)?;
+        anyhow::ensure!(
+            master.algorithm() == PurseAlgorithm::Tdes,
+            "bank master key version {version} is not 3DES; bank keys are DES keys"
+        );
+        let id = bank_id.trim();
+        anyhow::ensure!(
+            !id.is_empty() && id.len() <= 11 && id.bytes().all(|b| b.is_ascii_digit()),
+            "bank institution code {id:?} must be 1 to 11 digits"
+        );
+        // The code's last six digits (zero-padded), then "BK": the 8-byte factor.
+        let digits = format!("{id:0>6}");
+        let d = &digits.as_bytes()[digits.len() - 6..];
+        let factor = [d[0], d[1], d[2], d[3], d[4], d[5], 0x42, 0x4B];
+        let bmk = master.diversify(&factor);
+        Ok(Tdes2Key::from_slice(bmk.expose_bytes()).expect("16 bytes"))
+    }
+
+    fn bank_sign_in(&self, version: u8, bank_id: &str, f62: &[u8]) -> anyhow::Result<BankSession> {
+        anyhow::ensure!(
+            f62.len() == 40,
+            "the bank's sign-in keys are {} bytes, not 40 (PIK 16 + 4, MAK 16 + 4)",
+            f62.len()
+        );
+        let bmk = self.bank_master(version, bank_id)?;
+        let pik = bmk.unwrap_tdes_key(f62[0..16].try_into().expect("16 bytes"));
+        anyhow::ensure!(
+            pik.check_value()[..] == f62[16..20],
+            "the bank's PIN key does not match its check value"
+        );
+        let mak = bmk.unwrap_des_key(f62[20..28].try_into().expect("8 bytes"));
+        anyhow::ensure!(
+            mak.check_value()[..] == f62[36..40],
+            "the bank's MAC key does not match its check value"
+        );
+        Ok(BankSession {
+            pik,
+            mac: TerminalSession { mak },
+        })
     }
 
     fn list(&self) -> Vec<KeyInfo> {

@@ -311,6 +311,25 @@ enum SimCommand {
     /// their balance, some tearing) through the terminal front end; prints progress and a
     /// summary. Makes its population in the database first (needs the KEK).
     Pos(SimPosArgs),
+    /// A simulated bank on TCP speaking the bank side of the bank link (sign-in with working
+    /// keys under the bank master key, echo, transfers with PIN checks, reversals), with
+    /// accounts in memory (needs the KEK for the bank master key).
+    Bank(SimBankArgs),
+}
+
+#[derive(Args, Debug)]
+struct SimBankArgs {
+    #[arg(long, default_value = "127.0.0.1:5200")]
+    listen: String,
+    /// The bank's institution code (the bank master key is diversified by it).
+    #[arg(long, default_value = "01040000")]
+    bank_id: String,
+    /// Accounts to open: PANs 6222020200000000001 and up, PIN 123456.
+    #[arg(long, default_value_t = 10)]
+    accounts: u32,
+    /// Each account's balance in fen.
+    #[arg(long, default_value_t = 1_000_000)]
+    balance: i64,
 }
 
 #[derive(Args, Debug)]
@@ -569,6 +588,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
+        Command::Sim(SimCommand::Bank(args)) => sim_bank(&config, args).await?,
         Command::Gateway(args) => {
             let outbox = args
                 .outbox
@@ -1231,6 +1251,51 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
     }
     println!("{report}");
     Ok(())
+}
+
+async fn sim_bank(config: &Config, args: SimBankArgs) -> anyhow::Result<()> {
+    use app::security::SecurityModule as _;
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.accounts) && args.balance >= 0,
+        "--accounts must be 1 to 100000 and --balance at least 0"
+    );
+    let kek = load_kek(config)
+        .context("the bank simulator shares the bank master key: it needs the KEK")?;
+    let app = app(config, open(config, false).await?);
+    let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
+    let version = module
+        .current_version(app::security::KeyKind::BankMaster)
+        .context("no bank master key: run `onecard keys ceremony`")?;
+    let bmk = module.bank_master(version, &args.bank_id)?;
+    let accounts: Vec<sim::bank::BankAccount> = (1..=u64::from(args.accounts))
+        .map(|i| sim::bank::BankAccount {
+            pan: format!("622202020{i:010}"),
+            pin: "123456".into(),
+            balance_fen: args.balance,
+        })
+        .collect();
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    println!(
+        "simulated bank {} on {}: {} accounts {} to {} (PIN 123456, {} fen each)",
+        args.bank_id,
+        listener.local_addr()?,
+        accounts.len(),
+        accounts[0].pan,
+        accounts[accounts.len() - 1].pan,
+        args.balance
+    );
+    let bank = sim::bank::BankSim::new(bmk, accounts);
+    posp::serve_frames(
+        listener,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+        &posp::PospConfig::default(),
+        bank,
+    )
+    .await
 }
 
 async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::Result<()> {

@@ -1316,3 +1316,44 @@ fn a_commerce_gateway_between_simulated_pos_and_the_centre() {
     assert!(run(&["db-check"]).contains("OK"));
     assert!(run(&["audit", "verify"]).contains("intact"));
 }
+
+#[test]
+fn the_bank_simulator_starts_and_says_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kek = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+    assert!(with_kek(d, Some(kek), &["init"]).status.success());
+    let o = with_kek(d, None, &["sim", "bank", "--listen", "127.0.0.1:0"]);
+    assert!(
+        !o.status.success() && text(&o).contains("needs the KEK"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        with_kek(d, Some(kek), &["keys", "ceremony"])
+            .status
+            .success()
+    );
+    let o = with_kek(d, Some(kek), &["sim", "bank", "--accounts", "0"]);
+    assert!(
+        !o.status.success() && text(&o).contains("--accounts must be"),
+        "{}",
+        text(&o)
+    );
+    let mut bank = Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .arg("--data-dir")
+        .arg(d)
+        .args(["sim", "bank", "--listen", "127.0.0.1:0", "--accounts", "3"])
+        .env("ONECARD_LOG", "warn")
+        .env("ONECARD_KEK", kek)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = address_after(&mut bank, " on ");
+    assert!(
+        TcpStream::connect(addr.trim_end_matches(':')).is_ok(),
+        "listening on {addr}"
+    );
+    bank.kill().unwrap();
+    let _ = bank.wait();
+}

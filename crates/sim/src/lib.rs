@@ -12,6 +12,8 @@
 //! TRANSACTION PROVE). The report counts what was sent, approved, declined by code, posted,
 //! quarantined, and the latency of the front end's answers.
 
+pub mod bank;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

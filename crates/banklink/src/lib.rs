@@ -1,0 +1,356 @@
+//! The bank link (圈存 front end): onecard's side of the ISO 8583 connection to one bank.
+//!
+//! First slice of the bank top-up issue. Built so far:
+//! - [`BankLink`]: one TCP connection to a bank in a profile (the CUPS POS dialect by
+//!   default), one request at a time;
+//! - daily sign-in (0800, 60.3 `003`): the bank sends a PIN key and a MAC key under the bank
+//!   master key (BMK) in F62; the security module checks both check values and keeps them
+//!   ([`app::security::BankSession`]); a mismatch refuses the sign-in;
+//! - echo (0820 / `301`) and sign-off (0820 / `002`);
+//! - a transfer from bank to campus (0200, 60.1 `40`, F3 `400000`; PAN in F2, the PIN block
+//!   under the bank's PIN key in F52, the campus account in F48) and its reversal (0400 with
+//!   F61 = original batch and trace), both MACed, answers' MACs checked;
+//! - [`BankCode`]: every F39 a bank may send, mapped by one exhaustive match to the small set
+//!   the top-up flows act on.
+//!
+//! Not yet (the rest of the issue): the reversal journal (written before the transfer is
+//! sent, retried with backoff, manual queue), the top-up flows and their states, bank
+//! bindings, reconciliation, and the bank simulator's fault injection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use app::security::{BankSession, KeyKind, SecurityModule};
+use iso8583::{MacCheck, Message, Profile, frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What a bank's answer means to the campus: the small internal set every response code
+/// maps to (spec 3.10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BankCode {
+    /// `00`: done.
+    Approved,
+    /// `51`: the bank account cannot pay.
+    InsufficientFunds,
+    /// `55`: wrong PIN.
+    WrongPin,
+    /// `38`, `75`: too many wrong PINs.
+    PinLocked,
+    /// The bank card cannot be used (`04`, `14`, `15`, `33`, `36`, `41`, `43`, `54`, `62`).
+    CardRefused,
+    /// Over a limit (`13`, `61`, `65`).
+    OverLimit,
+    /// `25`: no such original (a reversal closes on it).
+    OriginalNotFound,
+    /// `94`: the bank had this trace already.
+    Duplicate,
+    /// The link must sign in again (`77`, `99`, `A0`).
+    SignInAgain,
+    /// The bank cannot answer now (`68`, `90`, `91`, `92`, `96`, `98`): try again later.
+    BankUnavailable,
+    /// Any other refusal (`01`, `03`, `05`, `06`, `12`, `22`, `30`, `40`, `58`, `97`, and
+    /// codes not listed): refused, nothing to retry.
+    Refused,
+}
+
+impl BankCode {
+    /// The internal meaning of a bank's F39.
+    pub fn from_f39(code: &str) -> BankCode {
+        match code {
+            "00" => BankCode::Approved,
+            "51" => BankCode::InsufficientFunds,
+            "55" => BankCode::WrongPin,
+            "38" | "75" => BankCode::PinLocked,
+            "04" | "14" | "15" | "33" | "36" | "41" | "43" | "54" | "62" => BankCode::CardRefused,
+            "13" | "61" | "65" => BankCode::OverLimit,
+            "25" => BankCode::OriginalNotFound,
+            "94" => BankCode::Duplicate,
+            "77" | "99" | "A0" => BankCode::SignInAgain,
+            "68" | "90" | "91" | "92" | "96" | "98" => BankCode::BankUnavailable,
+            _ => BankCode::Refused,
+        }
+    }
+}
+
+/// A transfer request from a bank card to the campus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferRequest {
+    pub pan: String,
+    pub amount_fen: i64,
+    /// The trace (F11, 6 digits) and batch (F60.2) that identify it for its reversal.
+    pub stan: String,
+    pub batch: String,
+    /// F52: the PIN block under the bank's PIN key.
+    pub pin_block: [u8; 8],
+    /// The campus account credited (F48), for the bank's records.
+    pub campus_account: String,
+}
+
+/// The bank's answer to a transfer or reversal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BankAnswer {
+    pub code: BankCode,
+    /// The bank's F39 as sent.
+    pub f39: String,
+    /// F38 and F37 when the bank sent them.
+    pub auth_code: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// One bank's link settings.
+#[derive(Clone, Debug)]
+pub struct BankConfig {
+    /// The bank's institution code (F32 / BMK diversification).
+    pub bank_id: String,
+    pub address: String,
+    /// onecard's terminal id (F41) and merchant id (F42) at the bank.
+    pub terminal_id: String,
+    pub merchant_id: String,
+    pub timeout_ms: u64,
+}
+
+/// A connection to one bank.
+pub struct BankLink {
+    config: BankConfig,
+    profile: Profile,
+    module: Arc<dyn SecurityModule>,
+    stream: TcpStream,
+    buf: Vec<u8>,
+    session: Option<BankSession>,
+    batch: String,
+}
+
+impl std::fmt::Debug for BankLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BankLink")
+            .field("bank_id", &self.config.bank_id)
+            .field("signed_in", &self.session.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BankLink {
+    /// Connects (not signed in yet).
+    pub async fn connect(
+        config: BankConfig,
+        module: Arc<dyn SecurityModule>,
+    ) -> anyhow::Result<BankLink> {
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&config.address))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no connection to bank {} within {timeout:?}",
+                    config.bank_id
+                )
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(BankLink {
+            config,
+            profile: Profile::cups_pos(),
+            module,
+            stream,
+            buf: Vec::with_capacity(1024),
+            session: None,
+            batch: "000001".into(),
+        })
+    }
+
+    pub fn is_signed_in(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// The batch the bank gave at sign-in.
+    pub fn batch(&self) -> &str {
+        &self.batch
+    }
+
+    fn base(&self, mti: &str, stan: &str) -> Message {
+        Message::new(mti)
+            .with(11, stan.to_owned())
+            .with(41, self.config.terminal_id.clone())
+            .with(42, self.config.merchant_id.clone())
+    }
+
+    /// Daily sign-in: the bank's working keys, checked by the security module.
+    pub async fn sign_in(&mut self, stan: &str) -> anyhow::Result<BankCode> {
+        let m = self.base("0800", stan).with(60, "00000000003");
+        let answer = self.exchange(&m, false).await?;
+        let code = BankCode::from_f39(answer.text(39).unwrap_or(""));
+        if code != BankCode::Approved {
+            self.session = None;
+            return Ok(code);
+        }
+        let version = self
+            .module
+            .current_version(KeyKind::BankMaster)
+            .ok_or_else(|| anyhow::anyhow!("no bank master key: run the key ceremony"))?;
+        let session = self.module.bank_sign_in(
+            version,
+            &self.config.bank_id,
+            answer.get(62).unwrap_or_default(),
+        )?;
+        self.session = Some(session);
+        if let Some(b) = answer.text(60).and_then(|t| t.get(2..8)) {
+            self.batch = b.to_owned();
+        }
+        Ok(code)
+    }
+
+    /// Echo test.
+    pub async fn echo(&mut self, stan: &str) -> anyhow::Result<BankCode> {
+        let m = self
+            .base("0820", stan)
+            .with(60, format!("00{}301", self.batch));
+        let answer = self.exchange(&m, false).await?;
+        Ok(BankCode::from_f39(answer.text(39).unwrap_or("")))
+    }
+
+    /// Sign-off: the working keys are forgotten.
+    pub async fn sign_off(&mut self, stan: &str) -> anyhow::Result<BankCode> {
+        let m = self
+            .base("0820", stan)
+            .with(60, format!("00{}002", self.batch));
+        let answer = self.exchange(&m, false).await?;
+        self.session = None;
+        Ok(BankCode::from_f39(answer.text(39).unwrap_or("")))
+    }
+
+    /// The session's PIN key encrypts a clear PIN block (the step after translation).
+    pub fn encrypt_pin_block(&self, block: &card::crypto::PinBlock) -> anyhow::Result<[u8; 8]> {
+        let s = self
+            .session
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the bank link is not signed in"))?;
+        Ok(s.encrypt_pin_block(block))
+    }
+
+    /// A transfer from a bank card to the campus (0200). Its answer's MAC must verify.
+    pub async fn transfer(&mut self, t: &TransferRequest) -> anyhow::Result<BankAnswer> {
+        let m = self
+            .base("0200", &t.stan)
+            .with(2, t.pan.clone())
+            .with(3, "400000")
+            .with(4, format!("{:012}", t.amount_fen))
+            .with(22, "021")
+            .with(25, "00")
+            .with(48, t.campus_account.clone())
+            .with(49, "156")
+            .with(52, t.pin_block.to_vec())
+            .with(53, "2600000000000000")
+            .with(60, format!("40{}", t.batch));
+        let answer = self.exchange(&m, true).await?;
+        Ok(Self::answer(&answer))
+    }
+
+    /// Reverses the transfer `original` (0400, F39 = `reason`: `98` no answer, `A0` bad MAC,
+    /// `06` failed on the campus side).
+    pub async fn reverse(
+        &mut self,
+        original: &TransferRequest,
+        reason: &str,
+    ) -> anyhow::Result<BankAnswer> {
+        let m = self
+            .base("0400", &original.stan)
+            .with(2, original.pan.clone())
+            .with(3, "400000")
+            .with(4, format!("{:012}", original.amount_fen))
+            .with(22, "021")
+            .with(25, "00")
+            .with(39, reason.to_owned())
+            .with(49, "156")
+            .with(60, format!("40{}", original.batch))
+            .with(61, format!("{}{}", original.batch, original.stan));
+        let answer = self.exchange(&m, true).await?;
+        Ok(Self::answer(&answer))
+    }
+
+    fn answer(m: &Message) -> BankAnswer {
+        let f39 = m.text(39).unwrap_or("").to_owned();
+        BankAnswer {
+            code: BankCode::from_f39(&f39),
+            f39,
+            auth_code: m.text(38).map(str::to_owned),
+            reference: m.text(37).map(str::to_owned),
+        }
+    }
+
+    /// Sends `m` (MACed when `maced`) and reads the answer within the timeout. An answer to a
+    /// MACed request must carry a good MAC, unless it refuses (`A0`, `77`, `96`...).
+    async fn exchange(&mut self, m: &Message, maced: bool) -> anyhow::Result<Message> {
+        let body = if maced {
+            let s = self
+                .session
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("the bank link is not signed in"))?;
+            iso8583::encode_with_mac(&self.profile, m, |alg, mab| {
+                s.mac(alg, mab).unwrap_or([0; 8])
+            })
+        } else {
+            iso8583::encode(&self.profile, m)
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let out = frame::build(
+            &self.profile,
+            Some([0x60, 0, 1, 0, 0]),
+            &posp::HEADER,
+            &body,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        tokio::time::timeout(timeout, self.stream.write_all(&out))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "bank {}: no room to send within {timeout:?}",
+                    self.config.bank_id
+                )
+            })??;
+        let bytes = tokio::time::timeout(timeout, self.receive())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("bank {}: no answer within {timeout:?}", self.config.bank_id)
+            })??;
+        let (answer, check) = match &self.session {
+            Some(s) if maced => iso8583::decode_verified(&self.profile, &bytes, |alg, mab| {
+                s.mac(alg, mab).unwrap_or([0; 8])
+            }),
+            _ => iso8583::decode(&self.profile, &bytes).map(|a| (a, MacCheck::Absent)),
+        }
+        .map_err(|e| anyhow::anyhow!("bank {}: {e}", self.config.bank_id))?;
+        if maced {
+            let refusal = matches!(
+                BankCode::from_f39(answer.text(39).unwrap_or("")),
+                BankCode::SignInAgain | BankCode::BankUnavailable
+            );
+            anyhow::ensure!(
+                check == MacCheck::Valid || (check == MacCheck::Absent && refusal),
+                "bank {}: the answer's MAC is {}",
+                self.config.bank_id,
+                if check == MacCheck::Invalid {
+                    "wrong"
+                } else {
+                    "missing"
+                }
+            );
+        }
+        Ok(answer)
+    }
+
+    async fn receive(&mut self) -> anyhow::Result<Vec<u8>> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((f, used)) =
+                frame::split(&self.profile, &self.buf).map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                let m = f.message.to_vec();
+                self.buf.drain(..used);
+                return Ok(m);
+            }
+            let n = self.stream.read(&mut chunk).await?;
+            anyhow::ensure!(n > 0, "bank {} closed the connection", self.config.bank_id);
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
