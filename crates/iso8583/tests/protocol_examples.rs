@@ -246,6 +246,90 @@ fn examples() -> Vec<(&'static str, String)> {
                     .with(60, "00000001201"),
             ),
         ),
+        (
+            "echo response",
+            plain(
+                false,
+                &Message::new("0830")
+                    .with(11, "000002")
+                    .with(39, "00")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(60, "00000001301"),
+            ),
+        ),
+        (
+            "sign-off request",
+            plain(
+                true,
+                &Message::new("0820")
+                    .with(11, "000009")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(60, "00000001002"),
+            ),
+        ),
+        (
+            "purchase confirmation response",
+            maced(
+                false,
+                &Message::new("0230")
+                    .with(3, "000000")
+                    .with(4, "000000001250")
+                    .with(11, "000004")
+                    .with(39, "00")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(48, "0")
+                    .with(49, "156")
+                    .with(60, "22000001"),
+            ),
+        ),
+        (
+            "reversal response",
+            maced(
+                false,
+                &Message::new("0410")
+                    .with(3, "000000")
+                    .with(4, "000000001250")
+                    .with(11, "000003")
+                    .with(39, "00")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(49, "156")
+                    .with(60, "22000001"),
+            ),
+        ),
+        (
+            "offline record upload response",
+            maced(
+                false,
+                &Message::new("0330")
+                    .with(11, "000005")
+                    .with(39, "00")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(48, "0")
+                    .with(60, "00000001201"),
+            ),
+        ),
+        (
+            "settlement response",
+            plain(
+                false,
+                &Message::new("0510")
+                    .with(11, "000007")
+                    .with(39, "00")
+                    .with(41, "00000001")
+                    .with(42, "000000000000005")
+                    .with(
+                        48,
+                        "00000000125000100000000000000010000000000000000000000000000000",
+                    )
+                    .with(49, "156")
+                    .with(60, "00000001201"),
+            ),
+        ),
     ]
 }
 
