@@ -82,6 +82,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "key_versions",
         sql: include_str!("../migrations/sqlite/0011_key_versions.sql"),
     },
+    Source {
+        version: 12,
+        name: "terminal_f41",
+        sql: include_str!("../migrations/sqlite/0012_terminal_f41.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -139,6 +144,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 11,
         name: "key_versions",
         sql: include_str!("../migrations/postgres/0011_key_versions.sql"),
+    },
+    Source {
+        version: 12,
+        name: "terminal_f41",
+        sql: include_str!("../migrations/postgres/0012_terminal_f41.sql"),
     },
 ];
 
