@@ -675,10 +675,16 @@ impl SecurityModule for SoftwareSecurityModule {
             !id.is_empty() && id.len() <= 11 && id.bytes().all(|b| b.is_ascii_digit()),
             "bank institution code {id:?} must be 1 to 11 digits"
         );
-        // The code's last six digits (zero-padded), then "BK": the 8-byte factor.
-        let digits = format!("{id:0>6}");
-        let d = &digits.as_bytes()[digits.len() - 6..];
-        let factor = [d[0], d[1], d[2], d[3], d[4], d[5], 0x42, 0x4B];
+        // The whole code as 12 BCD nibbles, F-padded on the left (so "0104" and "000104"
+        // differ), then "BK": the 8-byte factor. Every code gets its own BMK.
+        let padded = format!("{:F>12}", id);
+        let mut factor = [0u8; 8];
+        for (i, pair) in padded.as_bytes().chunks(2).enumerate() {
+            let nibble = |c: u8| if c == b'F' { 0xF } else { c - b'0' };
+            factor[i] = (nibble(pair[0]) << 4) | nibble(pair[1]);
+        }
+        factor[6] = 0x42;
+        factor[7] = 0x4B;
         let bmk = master.diversify(&factor);
         Ok(Tdes2Key::from_slice(bmk.expose_bytes()).expect("16 bytes"))
     }

@@ -47,10 +47,14 @@ pub enum BankCode {
     Duplicate,
     /// The link must sign in again (`77`, `99`, `A0`).
     SignInAgain,
-    /// The bank cannot answer now (`68`, `90`, `91`, `92`, `96`, `98`): try again later.
+    /// The bank could not take it (`90`, `91`, `92`, `96`): try again later.
     BankUnavailable,
-    /// Any other refusal (`01`, `03`, `05`, `06`, `12`, `22`, `30`, `40`, `58`, `97`, and
-    /// codes not listed): refused, nothing to retry.
+    /// The outcome is not known: `68` and `98` (the issuer's answer was lost on the bank's
+    /// side), a code not listed or none, or a refusal that came without a MAC (anyone on the
+    /// line could have written it). After a transfer: reverse it.
+    Unknown,
+    /// A refusal (`01`, `03`, `05`, `06`, `12`, `13`, `22`, `30`, `40`, `58`, `97`): nothing
+    /// moved, nothing to retry.
     Refused,
 }
 
@@ -63,12 +67,15 @@ impl BankCode {
             "55" => BankCode::WrongPin,
             "38" | "75" => BankCode::PinLocked,
             "04" | "14" | "15" | "33" | "36" | "41" | "43" | "54" | "62" => BankCode::CardRefused,
-            "13" | "61" | "65" => BankCode::OverLimit,
+            "61" | "65" => BankCode::OverLimit,
             "25" => BankCode::OriginalNotFound,
             "94" => BankCode::Duplicate,
             "77" | "99" | "A0" => BankCode::SignInAgain,
-            "68" | "90" | "91" | "92" | "96" | "98" => BankCode::BankUnavailable,
-            _ => BankCode::Refused,
+            "90" | "91" | "92" | "96" => BankCode::BankUnavailable,
+            "01" | "03" | "05" | "06" | "12" | "13" | "22" | "30" | "40" | "58" | "97" => {
+                BankCode::Refused
+            }
+            _ => BankCode::Unknown,
         }
     }
 }
@@ -119,6 +126,9 @@ pub struct BankLink {
     buf: Vec<u8>,
     session: Option<BankSession>,
     batch: String,
+    /// A request timed out on this connection: its late answer may still come, so the
+    /// connection is not used again (connect anew).
+    broken: bool,
 }
 
 impl std::fmt::Debug for BankLink {
@@ -154,6 +164,7 @@ impl BankLink {
             buf: Vec::with_capacity(1024),
             session: None,
             batch: "000001".into(),
+            broken: false,
         })
     }
 
@@ -175,6 +186,8 @@ impl BankLink {
 
     /// Daily sign-in: the bank's working keys, checked by the security module.
     pub async fn sign_in(&mut self, stan: &str) -> anyhow::Result<BankCode> {
+        // The old keys end here, whatever the outcome: the bank may have switched already.
+        self.session = None;
         let m = self.base("0800", stan).with(60, "00000000003");
         let answer = self.exchange(&m, false).await?;
         let code = BankCode::from_f39(answer.text(39).unwrap_or(""));
@@ -240,8 +253,8 @@ impl BankLink {
             .with(52, t.pin_block.to_vec())
             .with(53, "2600000000000000")
             .with(60, format!("40{}", t.batch));
-        let answer = self.exchange(&m, true).await?;
-        Ok(Self::answer(&answer))
+        let (answer, maced) = self.exchange_checked(&m, true).await?;
+        Ok(Self::answer(&answer, maced))
     }
 
     /// Reverses the transfer `original` (0400, F39 = `reason`: `98` no answer, `A0` bad MAC,
@@ -262,23 +275,45 @@ impl BankLink {
             .with(49, "156")
             .with(60, format!("40{}", original.batch))
             .with(61, format!("{}{}", original.batch, original.stan));
-        let answer = self.exchange(&m, true).await?;
-        Ok(Self::answer(&answer))
+        let (answer, maced) = self.exchange_checked(&m, true).await?;
+        Ok(Self::answer(&answer, maced))
     }
 
-    fn answer(m: &Message) -> BankAnswer {
+    /// The answer's meaning; one without a MAC is trusted only to ask for a new sign-in.
+    fn answer(m: &Message, maced: bool) -> BankAnswer {
         let f39 = m.text(39).unwrap_or("").to_owned();
+        let code = match BankCode::from_f39(&f39) {
+            BankCode::SignInAgain => BankCode::SignInAgain,
+            c if maced => c,
+            _ => BankCode::Unknown,
+        };
         BankAnswer {
-            code: BankCode::from_f39(&f39),
+            code,
             f39,
             auth_code: m.text(38).map(str::to_owned),
             reference: m.text(37).map(str::to_owned),
         }
     }
 
-    /// Sends `m` (MACed when `maced`) and reads the answer within the timeout. An answer to a
-    /// MACed request must carry a good MAC, unless it refuses (`A0`, `77`, `96`...).
     async fn exchange(&mut self, m: &Message, maced: bool) -> anyhow::Result<Message> {
+        Ok(self.exchange_checked(m, maced).await?.0)
+    }
+
+    /// Sends `m` (MACed when `maced`) and reads its answer within the timeout: the frame
+    /// whose MTI, trace (F11) and, when sent, PAN and amount answer this request (others are
+    /// stale answers to earlier requests and are dropped). Returns it and whether it carried a
+    /// good MAC; a wrong MAC is an error. After a timeout the connection is not used again:
+    /// the late answer may still come.
+    async fn exchange_checked(
+        &mut self,
+        m: &Message,
+        maced: bool,
+    ) -> anyhow::Result<(Message, bool)> {
+        anyhow::ensure!(
+            !self.broken,
+            "bank {}: a request timed out on this connection; connect again",
+            self.config.bank_id
+        );
         let body = if maced {
             let s = self
                 .session
@@ -299,43 +334,51 @@ impl BankLink {
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let timeout = Duration::from_millis(self.config.timeout_ms);
-        tokio::time::timeout(timeout, self.stream.write_all(&out))
+        if tokio::time::timeout(timeout, self.stream.write_all(&out))
             .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "bank {}: no room to send within {timeout:?}",
-                    self.config.bank_id
-                )
-            })??;
-        let bytes = tokio::time::timeout(timeout, self.receive())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("bank {}: no answer within {timeout:?}", self.config.bank_id)
-            })??;
-        let (answer, check) = match &self.session {
-            Some(s) if maced => iso8583::decode_verified(&self.profile, &bytes, |alg, mab| {
-                s.mac(alg, mab).unwrap_or([0; 8])
-            }),
-            _ => iso8583::decode(&self.profile, &bytes).map(|a| (a, MacCheck::Absent)),
-        }
-        .map_err(|e| anyhow::anyhow!("bank {}: {e}", self.config.bank_id))?;
-        if maced {
-            let refusal = matches!(
-                BankCode::from_f39(answer.text(39).unwrap_or("")),
-                BankCode::SignInAgain | BankCode::BankUnavailable
+            .is_err()
+        {
+            self.broken = true;
+            anyhow::bail!(
+                "bank {}: no room to send within {timeout:?}",
+                self.config.bank_id
             );
+        }
+        let wanted = posp::reply_mti(m.mti_str());
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Ok(bytes) = tokio::time::timeout_at(deadline, self.receive()).await else {
+                self.broken = true;
+                anyhow::bail!("bank {}: no answer within {timeout:?}", self.config.bank_id);
+            };
+            let bytes = bytes?;
+            let (answer, check) = match &self.session {
+                Some(s) if maced => iso8583::decode_verified(&self.profile, &bytes, |alg, mab| {
+                    s.mac(alg, mab).unwrap_or([0; 8])
+                }),
+                _ => iso8583::decode(&self.profile, &bytes).map(|a| (a, MacCheck::Absent)),
+            }
+            .map_err(|e| anyhow::anyhow!("bank {}: {e}", self.config.bank_id))?;
+            let answers_this = answer.mti_str() == wanted
+                && [11, 2, 4]
+                    .iter()
+                    .all(|&f| m.get(f).is_none() || answer.get(f) == m.get(f));
+            if !answers_this {
+                tracing::warn!(
+                    bank = %self.config.bank_id,
+                    mti = answer.mti_str(),
+                    trace = answer.text(11).unwrap_or(""),
+                    "an answer to another request (late or repeated) was dropped"
+                );
+                continue;
+            }
             anyhow::ensure!(
-                check == MacCheck::Valid || (check == MacCheck::Absent && refusal),
-                "bank {}: the answer's MAC is {}",
-                self.config.bank_id,
-                if check == MacCheck::Invalid {
-                    "wrong"
-                } else {
-                    "missing"
-                }
+                check != MacCheck::Invalid,
+                "bank {}: the answer's MAC is wrong",
+                self.config.bank_id
             );
+            return Ok((answer, check == MacCheck::Valid));
         }
-        Ok(answer)
     }
 
     async fn receive(&mut self) -> anyhow::Result<Vec<u8>> {

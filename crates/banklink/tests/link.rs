@@ -13,7 +13,7 @@ use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
 use banklink::{BankCode, BankConfig, BankLink, TransferRequest};
 use card::crypto::{Pin, PinBlock, PurseAlgorithm};
 use ledger::Timestamp;
-use sim::bank::{BankAccount, BankSim};
+use sim::bank::{BankAccount, BankFault, BankSim};
 
 const KEK: &str = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
 const BANK: &str = "01040000";
@@ -29,15 +29,17 @@ fn every_response_code_maps_to_one_meaning() {
         ("41", BankCode::CardRefused),
         ("54", BankCode::CardRefused),
         ("61", BankCode::OverLimit),
+        ("13", BankCode::Refused),
         ("25", BankCode::OriginalNotFound),
         ("94", BankCode::Duplicate),
         ("A0", BankCode::SignInAgain),
         ("77", BankCode::SignInAgain),
         ("96", BankCode::BankUnavailable),
-        ("98", BankCode::BankUnavailable),
+        ("98", BankCode::Unknown),
+        ("68", BankCode::Unknown),
         ("05", BankCode::Refused),
-        ("ZZ", BankCode::Refused),
-        ("", BankCode::Refused),
+        ("ZZ", BankCode::Unknown),
+        ("", BankCode::Unknown),
     ] {
         assert_eq!(BankCode::from_f39(code), meaning, "{code:?}");
     }
@@ -49,6 +51,10 @@ conformance! {
         SoftwareSecurityModule::ceremony(&db.store, &kek, PurseAlgorithm::Tdes, Timestamp(0)).await.unwrap();
         let module: Arc<dyn SecurityModule> = Arc::new(SoftwareSecurityModule::open(&db.store, &kek).await.unwrap());
         let version = module.current_version(KeyKind::BankMaster).unwrap();
+        // Each institution code has its own BMK (codes that share their last digits too).
+        let cv = |code: &str| module.bank_master(version, code).unwrap().check_value();
+        assert_ne!(cv("01040000"), cv("03040000"));
+        assert_ne!(cv("0104"), cv("000104"));
         let bank = BankSim::new(
             module.bank_master(version, BANK).unwrap(),
             vec![BankAccount { pan: PAN.into(), pin: "246810".into(), balance_fen: 50_000 }],
@@ -90,6 +96,20 @@ conformance! {
         assert_eq!(link.transfer(&unknown).await.unwrap().code, BankCode::CardRefused);
         assert_eq!(bank.balance(PAN), Some(30_000), "refusals move nothing");
 
+        // An answer with a wrong MAC is an error; one without a MAC (an approval anyone could
+        // have written) is of unknown outcome: to be reversed, never credited.
+        bank.set_fault(Some(BankFault::WrongMac));
+        let bad_mac = request("000014", 100, "246810", &link);
+        let e = link.transfer(&bad_mac).await.unwrap_err().to_string();
+        assert!(e.contains("MAC is wrong"), "{e}");
+        bank.set_fault(Some(BankFault::NoMac));
+        let no_mac = request("000015", 100, "246810", &link);
+        assert_eq!(link.transfer(&no_mac).await.unwrap().code, BankCode::Unknown, "an approval without a MAC");
+        bank.set_fault(None);
+        assert_eq!(bank.balance(PAN), Some(29_800), "the bank did debit both");
+        assert_eq!(link.reverse(&bad_mac, "A0").await.unwrap().code, BankCode::Approved);
+        assert_eq!(link.reverse(&no_mac, "A0").await.unwrap().code, BankCode::Approved);
+        assert_eq!(bank.balance(PAN), Some(30_000), "both reversed");
         // Reversal: once, acknowledged again; an unknown original is 25.
         assert_eq!(link.reverse(&t1, "98").await.unwrap().code, BankCode::Approved);
         assert_eq!(bank.balance(PAN), Some(50_000));

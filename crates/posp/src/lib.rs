@@ -254,14 +254,23 @@ impl Posp {
                 Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
             ("0800", "360") => {
-                // Parameter download (docs/protocol.md 6.9).
+                // Parameter download (docs/protocol.md 6.9): for an enabled terminal, asked on
+                // the connection it (or its gateway) signed in on.
                 let Some(t) = (match request.text(41) {
                     Some(f41) => app::terminals::by_f41(&self.app, f41.trim()).await?,
                     None => None,
-                }) else {
+                })
+                .filter(|t| t.enabled) else {
                     answer.set(39, "03");
                     return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 };
+                let here = signed_in.as_deref();
+                let allowed = here.is_some()
+                    && (here == Some(t.terminal_no.as_str()) || here == t.gateway_no.as_deref());
+                if !allowed {
+                    answer.set(39, "77");
+                    return Ok(Some(Reply::Now(self.encode(&answer)?)));
+                }
                 let head = app::cards::blacklist_page(&self.app, &actor(peer), i64::MAX, 1)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?

@@ -266,6 +266,10 @@ conformance! {
         assert_eq!(f48[54..64].parse::<i64>().unwrap(), canteen.get(), "the merchant account");
         let unknown = Message::new("0800").with(11, "000151").with(41, "00000009").with(42, "000000000000001").with(60, "00000001360");
         assert_eq!(exchange(&mut conn, &unknown, None).await.text(39), Some("03"));
+        assert_eq!(&f48[30..42], "000000100000", "the largest purchase");
+        assert_eq!(&f48[42..54], "000000100000", "the largest record");
+        let mut stranger = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(exchange(&mut stranger, &params, None).await.text(39), Some("77"), "only on the connection that signed in");
         // More changes than one message holds: the terminal follows "more" to the end.
         for _ in 0..8 {
             app::cards::report_loss(&app, &cli, issued.id).await.unwrap();
@@ -326,7 +330,8 @@ conformance! {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(posp::Posp::new(app.clone(), rotated, posp::PospConfig::default()).serve(listener, async { let _ = stopped.await; }));
         let mut conn = TcpStream::connect(addr).await.unwrap();
-        // (sign_in_again checks the keys' check values under the installed, version-1 TMK.)
+        // (the keys sign_in_again takes come under the installed, version-1 TMK: the MACed
+        // authorisation below verifies only if they do.)
         let mak = sign_in_again(&mut conn).await;
         assert_eq!(exchange(&mut conn, &auth("000160", ASN, 100), Some(&mak)).await.text(39), Some("54"), "signed in and MACs agree (the card expired above)");
         stop.send(()).unwrap();

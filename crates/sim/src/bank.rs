@@ -29,7 +29,17 @@ struct Transfer {
     reversed: bool,
 }
 
+/// A fault the simulated bank can be told to show on its financial answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BankFault {
+    /// Answers MACed with a wrong key.
+    WrongMac,
+    /// Answers without a MAC.
+    NoMac,
+}
+
 struct State {
+    fault: Option<BankFault>,
     accounts: HashMap<String, BankAccount>,
     keys: Option<(Tdes2Key, DesKey)>,
     transfers: HashMap<(String, String), Transfer>,
@@ -58,6 +68,7 @@ impl BankSim {
             bmk: Arc::new(bmk),
             profile: Arc::new(Profile::cups_pos()),
             state: Arc::new(Mutex::new(State {
+                fault: None,
                 accounts: accounts.into_iter().map(|a| (a.pan.clone(), a)).collect(),
                 keys: None,
                 transfers: HashMap::new(),
@@ -65,6 +76,11 @@ impl BankSim {
                 next_reference: 1,
             })),
         }
+    }
+
+    /// Shows `fault` on the financial answers from now on (`None`: none).
+    pub fn set_fault(&self, fault: Option<BankFault>) {
+        self.state.lock().expect("bank state").fault = fault;
     }
 
     /// The balance of an account.
@@ -144,8 +160,20 @@ impl BankSim {
                     a.set(38, format!("{:06}", r % 1_000_000));
                 }
                 a.set(39, code);
-                iso8583::encode_with_mac(&self.profile, &a, |_, mab| cups_ecb_mac(&mak, mab))
-                    .map_err(|e| anyhow::anyhow!("{e}"))
+                match st.fault {
+                    Some(BankFault::NoMac) => plain(&a),
+                    Some(BankFault::WrongMac) => {
+                        let wrong = DesKey::from_bytes([0x5A; 8]);
+                        iso8583::encode_with_mac(&self.profile, &a, |_, mab| {
+                            cups_ecb_mac(&wrong, mab)
+                        })
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                    }
+                    None => iso8583::encode_with_mac(&self.profile, &a, |_, mab| {
+                        cups_ecb_mac(&mak, mab)
+                    })
+                    .map_err(|e| anyhow::anyhow!("{e}")),
+                }
             }
             _ => {
                 a.set(39, "12");
