@@ -277,8 +277,9 @@ impl BankSession {
     }
 
     /// A clear ISO 9564 format-0 PIN block encrypted under the bank's PIN key (field 52).
-    /// The kiosk's PIN block reaches this step translated from the kiosk's PIN key, never as a
-    /// PIN in clear outside the module.
+    /// Limit of this first slice: the clear block comes from the caller. The kiosk flow will
+    /// translate the kiosk's encrypted block inside the module instead (PIN translation joins
+    /// the trait then), so a PIN is never in clear outside it.
     pub fn encrypt_pin_block(&self, block: &card::crypto::PinBlock) -> [u8; 8] {
         block.encrypt(&self.pik)
     }

@@ -1,8 +1,9 @@
 //! The bank link (圈存 front end): onecard's side of the ISO 8583 connection to one bank.
 //!
 //! First slice of the bank top-up issue. Built so far:
-//! - [`BankLink`]: one TCP connection to a bank in a profile (the CUPS POS dialect by
-//!   default), one request at a time;
+//! - [`BankLink`]: one TCP connection to a bank in the CUPS POS dialect with its "ECB" MAC,
+//!   one request at a time (a bank's own profile and MAC algorithm, set per bank, come with
+//!   the next slice);
 //! - daily sign-in (0800, 60.3 `003`): the bank sends a PIN key and a MAC key under the bank
 //!   master key (BMK) in F62; the security module checks both check values and keeps them
 //!   ([`app::security::BankSession`]); a mismatch refuses the sign-in;
@@ -81,7 +82,7 @@ impl BankCode {
 }
 
 /// A transfer request from a bank card to the campus.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct TransferRequest {
     pub pan: String,
     pub amount_fen: i64,
@@ -92,6 +93,23 @@ pub struct TransferRequest {
     pub pin_block: [u8; 8],
     /// The campus account credited (F48), for the bank's records.
     pub campus_account: String,
+}
+
+impl std::fmt::Debug for TransferRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The card number masked, the PIN block never shown.
+        let masked = match self.pan.len() {
+            n if n > 10 => format!("{}******{}", &self.pan[..6], &self.pan[n - 4..]),
+            _ => "****".into(),
+        };
+        f.debug_struct("TransferRequest")
+            .field("pan", &masked)
+            .field("amount_fen", &self.amount_fen)
+            .field("stan", &self.stan)
+            .field("batch", &self.batch)
+            .field("campus_account", &self.campus_account)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The bank's answer to a transfer or reversal.
@@ -241,6 +259,11 @@ impl BankLink {
 
     /// A transfer from a bank card to the campus (0200). Its answer's MAC must verify.
     pub async fn transfer(&mut self, t: &TransferRequest) -> anyhow::Result<BankAnswer> {
+        anyhow::ensure!(
+            (1..=999_999_999_999).contains(&t.amount_fen),
+            "a transfer of {} fen: the amount must be 1 fen or more",
+            t.amount_fen
+        );
         let m = self
             .base("0200", &t.stan)
             .with(2, t.pan.clone())

@@ -125,6 +125,10 @@ struct Inner {
     stan: AtomicU32,
     relayed: AtomicU64,
     stood_in: AtomicU64,
+    /// The centre's limits as its parameter download last gave them (the configured ones
+    /// until then): a card's daily limit, and the largest purchase.
+    standin_limit_fen: std::sync::atomic::AtomicI64,
+    purchase_max_fen: std::sync::atomic::AtomicI64,
     forwarded: AtomicU64,
 }
 
@@ -245,6 +249,7 @@ impl Gateway {
             }
         }
         let f41 = config.terminal_no[4..].to_owned();
+        let standin_limit = config.standin_day_limit_fen;
         Ok(Gateway {
             inner: Arc::new(Inner {
                 config,
@@ -260,6 +265,10 @@ impl Gateway {
                 stan: AtomicU32::new(1),
                 relayed: AtomicU64::new(0),
                 stood_in: AtomicU64::new(0),
+                standin_limit_fen: std::sync::atomic::AtomicI64::new(standin_limit),
+                purchase_max_fen: std::sync::atomic::AtomicI64::new(
+                    app::authorise::AuthorisationPolicy::default().amount_fen_max,
+                ),
                 forwarded: AtomicU64::new(0),
             }),
         })
@@ -779,7 +788,11 @@ impl Gateway {
         };
         let day = self.local_day();
         let out = i.outbox.clone();
-        let limit = i.config.standin_day_limit_fen;
+        let limit = i.standin_limit_fen.load(Ordering::Relaxed);
+        if amount > i.purchase_max_fen.load(Ordering::Relaxed) {
+            answer.set(39, "13");
+            return Ok(());
+        }
         let (t, a, d) = (f41.to_owned(), asn.clone(), day.clone());
         let request = StandIn {
             terminal_no: t,
@@ -868,8 +881,34 @@ impl Gateway {
             if let Err(e) = self.sync_blacklist().await {
                 tracing::info!(error = %e, "blacklist mirror not refreshed");
             }
+            if let Err(e) = self.sync_parameters().await {
+                tracing::info!(error = %e, "parameters not refreshed");
+            }
             tokio::time::sleep(Duration::from_millis(self.inner.config.blacklist_sync_ms)).await;
         }
+    }
+
+    /// Takes the centre's limits from its parameter download (0800/360, docs/protocol.md
+    /// 6.9): the stand-in daily limit and the largest purchase follow the centre's.
+    pub async fn sync_parameters(&self) -> anyhow::Result<(i64, i64)> {
+        let i = &self.inner;
+        let m = Message::new("0800")
+            .with(11, self.next_stan())
+            .with(41, i.f41.clone())
+            .with(42, "000000000000000")
+            .with(60, "00000000360");
+        let a = self.call(&m, false).await?;
+        let f48 = a.text(48).unwrap_or("");
+        anyhow::ensure!(
+            a.text(39) == Some("00") && f48.len() == 64,
+            "parameter download answered {:?}",
+            a.text(39)
+        );
+        let limit: i64 = f48[18..30].parse()?;
+        let purchase_max: i64 = f48[30..42].parse()?;
+        i.standin_limit_fen.store(limit, Ordering::Relaxed);
+        i.purchase_max_fen.store(purchase_max, Ordering::Relaxed);
+        Ok((limit, purchase_max))
     }
 
     /// Brings the blacklist mirror up to the centre's version.

@@ -186,6 +186,9 @@ conformance! {
         let lost = app::cards::by_asn(&app, &cli, &asns[2]).await.unwrap();
         app::cards::report_loss(&app, &cli, lost.id).await.unwrap();
         gw.sync_blacklist().await.unwrap();
+        // The stand-in limits follow the centre's parameters (a card's daily limit, the
+        // largest purchase).
+        assert_eq!(gw.sync_parameters().await.unwrap(), (30_000, 100_000));
 
         // The centre stops.
         centre.stop();
@@ -199,6 +202,7 @@ conformance! {
         assert_eq!(pos.send(&pos.authorisation("000021", &asns[2], 100), true).await.text(39), Some("41"), "the lost card");
         assert_eq!(pos.send(&pos.authorisation("000022", &asns[1], 29_500), true).await.text(39), Some("61"), "over the stand-in daily limit");
         assert_eq!(pos.send(&pos.authorisation("000023", &asns[1], 0), true).await.text(39), Some("13"));
+        assert_eq!(pos.send(&pos.authorisation("000025", &asns[0], 100_001), true).await.text(39), Some("13"), "over the largest purchase");
         assert_eq!(pos.send(&pos.reversal("000020", &asns[1], 1_000), true).await.text(39), Some("00"), "a stand-in approval reversed");
         assert_eq!(pos.send(&pos.authorisation("000024", &asns[1], 29_500), true).await.text(39), Some("00"), "the reversal freed the limit");
         assert_eq!(pos.send(&pos.reversal("000012", &asns[0], 200), true).await.text(39), Some("00"), "the centre's approval: reversal kept");

@@ -248,8 +248,12 @@ impl Posp {
         let network = request.text(60).and_then(|t| t.get(8..11)).unwrap_or("");
         match (request.mti_str(), network) {
             ("0800", "003") | ("0800", "001") | ("0800", "004") => {
-                if let Some(t) = self.sign_in(request, &mut answer, peer).await? {
-                    *signed_in = Some(t);
+                if let Some((t, gateway)) = self.sign_in(request, &mut answer, peer).await? {
+                    // A gateway relaying the sign-in of a POS behind it stays signed in as
+                    // the gateway on its connection.
+                    if gateway.is_none() || *signed_in != gateway {
+                        *signed_in = Some(t);
+                    }
                 }
                 Ok(Some(Reply::Now(self.encode(&answer)?)))
             }
@@ -509,7 +513,7 @@ impl Posp {
         request: &Message,
         answer: &mut Message,
         peer: &str,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<(String, Option<String>)>> {
         let f41 = request.text(41).unwrap_or("").trim().to_owned();
         let psam = request
             .get(62)
@@ -576,7 +580,7 @@ impl Posp {
             format!("00{}003", batch_of_day(&self.app.local_date(0))),
         );
         answer.set(62, f62);
-        Ok(Some(number))
+        Ok(Some((number, t.gateway_no.clone())))
     }
 
     async fn authorise(
