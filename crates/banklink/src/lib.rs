@@ -26,6 +26,9 @@ use iso8583::{MacCheck, Message, Profile, frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Hours a bank sign-in's working keys serve before the link must sign in again.
+pub const SESSION_HOURS_MAX: u64 = 24;
+
 /// What a bank's answer means to the campus: the small internal set every response code
 /// maps to (spec 3.10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +146,9 @@ pub struct BankLink {
     stream: TcpStream,
     buf: Vec<u8>,
     session: Option<BankSession>,
+    /// When the session was made: it serves for [`SESSION_HOURS_MAX`] hours at most (banks
+    /// want a sign-in every day).
+    signed_in_at: Option<std::time::Instant>,
     batch: String,
     /// A request timed out on this connection: its late answer may still come, so the
     /// connection is not used again (connect anew).
@@ -181,13 +187,18 @@ impl BankLink {
             stream,
             buf: Vec::with_capacity(1024),
             session: None,
+            signed_in_at: None,
             batch: "000001".into(),
             broken: false,
         })
     }
 
+    /// Whether the link holds working keys younger than [`SESSION_HOURS_MAX`] hours.
     pub fn is_signed_in(&self) -> bool {
         self.session.is_some()
+            && self
+                .signed_in_at
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(SESSION_HOURS_MAX * 3600))
     }
 
     /// The batch the bank gave at sign-in.
@@ -223,6 +234,7 @@ impl BankLink {
             answer.get(62).unwrap_or_default(),
         )?;
         self.session = Some(session);
+        self.signed_in_at = Some(std::time::Instant::now());
         if let Some(b) = answer.text(60).and_then(|t| t.get(2..8)) {
             self.batch = b.to_owned();
         }
@@ -338,6 +350,10 @@ impl BankLink {
             self.config.bank_id
         );
         let body = if maced {
+            anyhow::ensure!(
+                self.is_signed_in(),
+                "the bank link is not signed in (or its keys are older than {SESSION_HOURS_MAX} h): sign in"
+            );
             let s = self
                 .session
                 .as_ref()

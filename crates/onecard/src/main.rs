@@ -1170,7 +1170,15 @@ async fn sim_pos(config: &Config, args: SimPosArgs) -> anyhow::Result<()> {
         None => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let mut addr = listener.local_addr()?;
-            let front = posp::Posp::new(app.clone(), module.clone(), posp::PospConfig::default());
+            let front = posp::Posp::new(
+                app.clone(),
+                module.clone(),
+                posp::PospConfig {
+                    authorisation: config.authorisation,
+                    ingest: config.ingest,
+                    ..posp::PospConfig::default()
+                },
+            );
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let stopped = async {
                 let _ = stopped.await;
