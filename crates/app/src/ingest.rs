@@ -103,16 +103,6 @@ struct Checked {
     problem: Option<String>,
 }
 
-fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 fn check(
     module: &dyn SecurityModule,
     policy: &IngestPolicy,
@@ -121,7 +111,7 @@ fn check(
     r: OfflineRecord,
 ) -> Checked {
     // A malformed TAC is kept as four zero bytes (what is stored), so a resend matches it.
-    let tac = hex_bytes(&r.tac)
+    let tac = crate::security::unhex(&r.tac)
         .filter(|t| t.len() == 4)
         .unwrap_or_default();
     let problem = (|| -> Option<String> {
@@ -129,15 +119,16 @@ fn check(
             Ok(a) if r.asn.len() == 20 => a,
             _ => return Some(format!("malformed: ASN {:?} is not 20 digits", r.asn)),
         };
-        let terminal = match hex_bytes(&r.terminal_no).map(|b| TerminalId::from_slice(&b)) {
-            Some(Ok(t)) => t,
-            _ => {
-                return Some(format!(
-                    "malformed: terminal {:?} is not 12 hex digits",
-                    r.terminal_no
-                ));
-            }
-        };
+        let terminal =
+            match crate::security::unhex(&r.terminal_no).map(|b| TerminalId::from_slice(&b)) {
+                Some(Ok(t)) => t,
+                _ => {
+                    return Some(format!(
+                        "malformed: terminal {:?} is not 12 hex digits",
+                        r.terminal_no
+                    ));
+                }
+            };
         let Ok(date_time) = TxDateTime::parse_digits(&r.tx_at) else {
             return Some(format!(
                 "malformed: time {:?} is not YYYYMMDDhhmmss",
@@ -969,7 +960,7 @@ pub async fn release(
         amount_fen: row.int(5)? as u32,
         balance_before_fen: row.int(6)? as u32,
         tx_at: row.text(7)?,
-        tac: tac.iter().map(|b| format!("{b:02X}")).collect(),
+        tac: crate::security::hex(&tac),
         batch: row.opt_text(9)?,
     };
     let mut out =

@@ -396,9 +396,20 @@ impl fmt::Debug for SoftwareSecurityModule {
     }
 }
 
-/// Uppercase hex of a check value.
+/// Uppercase hex of bytes (check values, TACs, keys written for installation).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// The bytes of a hex text (either case); `None` if it is not whole hex pairs.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn random_key() -> anyhow::Result<Zeroizing<[u8; 16]>> {

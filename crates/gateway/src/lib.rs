@@ -218,16 +218,6 @@ fn verified(profile: &Profile, bytes: &[u8], session: &TerminalSession) -> anyho
     Ok(m)
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 impl Gateway {
     /// Opens the outbox at `outbox` and restores the POS sessions kept there. `tmk` is the
     /// gateway's terminal master key, loaded at installation.
@@ -634,7 +624,10 @@ impl Gateway {
                     }
                     return Ok(());
                 }
-                let delegated = centre.text(63).and_then(unhex).unwrap_or_default();
+                let delegated = centre
+                    .text(63)
+                    .and_then(app::security::unhex)
+                    .unwrap_or_default();
                 let Some(session) = unwrap_session(&i.tmk, &delegated) else {
                     tracing::error!(%peer, f41, "the centre gave no usable MAC key for this POS: is it registered behind this gateway?");
                     answer.remove(62);

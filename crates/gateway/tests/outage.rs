@@ -8,19 +8,14 @@ mod common;
 #[path = "../../store/tests/harness/mod.rs"]
 mod harness;
 
-use common::{Centre, KEK};
+use common::{Centre, GATEWAY, SERIAL, centre_data};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
-use app::{Actor, App, SystemClock};
-use card::crypto::PurseAlgorithm;
-use ledger::{AccountKind, Timestamp};
+use app::security::KeyKind;
+use app::{Actor, App};
 use sim::{PosSimConfig, setup};
-
-const GATEWAY: &str = "900060000001";
-const SERIAL: &str = "GW900060000001";
 
 async fn wait_drained(gw: &gateway::Gateway) {
     for _ in 0..600 {
@@ -34,16 +29,8 @@ async fn wait_drained(gw: &gateway::Gateway) {
 
 conformance! {
     async fn gateway_keeps_selling_through_a_centre_outage(db) {
-        let app = App::new(db.store.clone(), Arc::new(SystemClock));
+        let (app, module, canteen) = centre_data(&db.store).await;
         let cli = Actor::cli();
-        let kek = Kek::from_hex(KEK, "test").unwrap();
-        SoftwareSecurityModule::ceremony(app.store(), &kek, PurseAlgorithm::Tdes, Timestamp(0)).await.unwrap();
-        let module: Arc<dyn SecurityModule> = Arc::new(SoftwareSecurityModule::open(app.store(), &kek).await.unwrap());
-        let canteen = app.create_account(AccountKind::MerchantPayable, Some("merchant:canteen")).await.unwrap().account.id;
-        app::terminals::register(&app, &cli, app::terminals::NewTerminal {
-            terminal_no: GATEWAY.into(), kind: app::terminals::TerminalKind::Gateway, merchant_account_id: None,
-            location: "canteen 2 gateway".into(), psam_serial: Some(SERIAL.into()), gateway_no: None,
-        }).await.unwrap();
         // A POS may not be put behind something that is not a gateway.
         let err = app::terminals::register(&app, &cli, app::terminals::NewTerminal {
             terminal_no: "900060000099".into(), kind: app::terminals::TerminalKind::Pos, merchant_account_id: Some(canteen.get()),

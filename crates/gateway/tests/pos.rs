@@ -9,21 +9,16 @@ mod common;
 #[path = "../../store/tests/harness/mod.rs"]
 mod harness;
 
-use common::{Centre, KEK};
+use common::{Centre, GATEWAY, SERIAL, centre_data};
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
-use app::{Actor, App, SystemClock};
-use card::crypto::{DesKey, PurseAlgorithm};
+use app::Actor;
+use app::security::{KeyKind, SecurityModule};
+use card::crypto::DesKey;
 use iso8583::{Message, Profile};
-use ledger::{AccountKind, Timestamp};
 use sim::{PosSimConfig, setup};
 use tokio::net::TcpStream;
-
-const GATEWAY: &str = "900060000001";
-const SERIAL: &str = "GW900060000001";
 
 struct Pos {
     stream: TcpStream,
@@ -109,16 +104,8 @@ fn mak_of(module: &dyn SecurityModule, number: &str, answer: &Message) -> DesKey
 
 conformance! {
     async fn pos_through_the_gateway_message_by_message(db) {
-        let app = App::new(db.store.clone(), Arc::new(SystemClock));
+        let (app, module, canteen) = centre_data(&db.store).await;
         let cli = Actor::cli();
-        let kek = Kek::from_hex(KEK, "test").unwrap();
-        SoftwareSecurityModule::ceremony(app.store(), &kek, PurseAlgorithm::Tdes, Timestamp(0)).await.unwrap();
-        let module: Arc<dyn SecurityModule> = Arc::new(SoftwareSecurityModule::open(app.store(), &kek).await.unwrap());
-        let canteen = app.create_account(AccountKind::MerchantPayable, Some("merchant:canteen")).await.unwrap().account.id;
-        app::terminals::register(&app, &cli, app::terminals::NewTerminal {
-            terminal_no: GATEWAY.into(), kind: app::terminals::TerminalKind::Gateway, merchant_account_id: None,
-            location: "gateway".into(), psam_serial: Some(SERIAL.into()), gateway_no: None,
-        }).await.unwrap();
         let config = PosSimConfig { terminals: 2, cards: 3, gateway: Some(GATEWAY.into()), ..PosSimConfig::default() };
         let population = setup(&app, module.clone(), canteen, &config).await.unwrap();
         let asns: Vec<String> = population.balances().into_iter().map(|b| b.0).collect();

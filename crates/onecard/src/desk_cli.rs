@@ -1046,19 +1046,13 @@ pub async fn export_tmk(
     let mut file = options
         .open(out)
         .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
-    let hex: String = tmk
-        .expose_bytes()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
-    writeln!(file, "{hex}")?;
+    // The key's text is wiped from memory when dropped.
+    let text = zeroize::Zeroizing::new(app::security::hex(tmk.expose_bytes()));
+    writeln!(file, "{}", text.as_str())?;
     app::terminals::record_tmk_export(app, &Actor::cli(), &t, version).await?;
     println!(
         "terminal {t}: TMK (version {version}, check value {}) written to {}",
-        tmk.check_value()
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<String>(),
+        app::security::hex(&tmk.check_value()),
         out.display()
     );
     Ok(())

@@ -1327,15 +1327,7 @@ async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::R
             .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?,
     );
     let text = text.trim();
-    let bytes: Option<zeroize::Zeroizing<Vec<u8>>> = (text.len() == 32)
-        .then(|| {
-            (0..32)
-                .step_by(2)
-                .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-                .collect::<Option<Vec<u8>>>()
-                .map(zeroize::Zeroizing::new)
-        })
-        .flatten();
+    let bytes = app::security::unhex(text).map(zeroize::Zeroizing::new);
     let tmk = bytes
         .and_then(|b| card::crypto::Tdes2Key::from_slice(&b).ok())
         .with_context(|| {

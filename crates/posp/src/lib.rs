@@ -558,7 +558,7 @@ impl Posp {
             let delegated =
                 self.module
                     .delegate_session(tmk_version(&gateway_row)?, &gateway, &session)?;
-            answer.set(63, hex(&delegated));
+            answer.set(63, app::security::hex(&delegated));
         }
         self.sessions
             .lock()
@@ -941,11 +941,6 @@ pub const RECORD_LEN: usize = 91;
 
 /// Records one upload (0320) may carry in F58: a POS sends one, a gateway up to ten.
 pub const RECORDS_PER_MESSAGE_MAX: usize = 10;
-
-/// Upper-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
 
 /// The purse record of F58 (docs/protocol.md section 4).
 pub fn parse_record(t: &str) -> Option<app::ingest::OfflineRecord> {

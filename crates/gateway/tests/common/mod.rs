@@ -6,6 +6,54 @@ use app::security::{Kek, SecurityModule, SoftwareSecurityModule};
 use app::{App, SystemClock};
 
 pub const KEK: &str = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+pub const GATEWAY: &str = "900060000001";
+pub const SERIAL: &str = "GW900060000001";
+
+/// A centre's data: master keys from a ceremony, a canteen merchant, and the gateway
+/// registered (kind gateway, signing in with [`SERIAL`]).
+pub async fn centre_data(
+    store: &store::Store,
+) -> (App, Arc<dyn SecurityModule>, ledger::AccountId) {
+    let app = App::new(store.clone(), Arc::new(SystemClock));
+    let kek = Kek::from_hex(KEK, "test").unwrap();
+    SoftwareSecurityModule::ceremony(
+        app.store(),
+        &kek,
+        card::crypto::PurseAlgorithm::Tdes,
+        ledger::Timestamp(0),
+    )
+    .await
+    .unwrap();
+    let module: Arc<dyn SecurityModule> = Arc::new(
+        SoftwareSecurityModule::open(app.store(), &kek)
+            .await
+            .unwrap(),
+    );
+    let canteen = app
+        .create_account(
+            ledger::AccountKind::MerchantPayable,
+            Some("merchant:canteen"),
+        )
+        .await
+        .unwrap()
+        .account
+        .id;
+    app::terminals::register(
+        &app,
+        &app::Actor::cli(),
+        app::terminals::NewTerminal {
+            terminal_no: GATEWAY.into(),
+            kind: app::terminals::TerminalKind::Gateway,
+            merchant_account_id: None,
+            location: "canteen gateway".into(),
+            psam_serial: Some(SERIAL.into()),
+            gateway_no: None,
+        },
+    )
+    .await
+    .unwrap();
+    (app, module, canteen)
+}
 
 /// A centre in its own thread and runtime, as its own process would be: stopping it drops
 /// every task and connection it had.
