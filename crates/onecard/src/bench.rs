@@ -381,19 +381,7 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         "backend", "seconds", "cardholders/s"
     );
     let csv = app::demo::cardholders_csv(args.cardholders, 1, 42);
-    for (backend, wanted) in [
-        (
-            "sqlite",
-            matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All),
-        ),
-        (
-            "postgres",
-            matches!(args.backend, BackendChoice::Postgres | BackendChoice::All),
-        ),
-    ] {
-        if !wanted {
-            continue;
-        }
+    for backend in backends(args.backend) {
         let mut seconds = Vec::new();
         for run in 0..args.runs {
             let db = BenchDb::open(backend == "postgres", &args.pg_url, &format!("_{run}")).await?;
@@ -477,19 +465,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         args.records, args.cards, args.batch
     );
     println!("{:<10} {:>14}   runs", "backend", "records/s");
-    for (backend, wanted) in [
-        (
-            "sqlite",
-            matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All),
-        ),
-        (
-            "postgres",
-            matches!(args.backend, BackendChoice::Postgres | BackendChoice::All),
-        ),
-    ] {
-        if !wanted {
-            continue;
-        }
+    for backend in backends(args.backend) {
         let mut per_s = Vec::new();
         for run in 0..args.runs {
             let db = BenchDb::open(backend == "postgres", &args.pg_url, &format!("_{run}")).await?;
@@ -575,19 +551,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     );
     println!("{:<10} {:>14}   runs", "backend", "records/s");
     const GATEWAY: &str = "900060000001";
-    for (backend, wanted) in [
-        (
-            "sqlite",
-            matches!(args.backend, BackendChoice::Sqlite | BackendChoice::All),
-        ),
-        (
-            "postgres",
-            matches!(args.backend, BackendChoice::Postgres | BackendChoice::All),
-        ),
-    ] {
-        if !wanted {
-            continue;
-        }
+    for backend in backends(args.backend) {
         let mut per_s = Vec::new();
         for run in 0..args.runs {
             let db =
@@ -1132,6 +1096,22 @@ async fn bench_exchange(
         anyhow::ensure!(n > 0, "the front end closed the connection");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// The backends `choice` names, in the order the tables print them.
+fn backends(choice: BackendChoice) -> impl Iterator<Item = &'static str> {
+    [
+        (
+            "sqlite",
+            matches!(choice, BackendChoice::Sqlite | BackendChoice::All),
+        ),
+        (
+            "postgres",
+            matches!(choice, BackendChoice::Postgres | BackendChoice::All),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(b, wanted)| wanted.then_some(b))
 }
 
 /// The database of one benchmark run: a temporary SQLite file, or a scratch database on a
