@@ -87,6 +87,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "terminal_f41",
         sql: include_str!("../migrations/sqlite/0012_terminal_f41.sql"),
     },
+    Source {
+        version: 13,
+        name: "bank_topups",
+        sql: include_str!("../migrations/sqlite/0013_bank_topups.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -149,6 +154,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 12,
         name: "terminal_f41",
         sql: include_str!("../migrations/postgres/0012_terminal_f41.sql"),
+    },
+    Source {
+        version: 13,
+        name: "bank_topups",
+        sql: include_str!("../migrations/postgres/0013_bank_topups.sql"),
     },
 ];
 
