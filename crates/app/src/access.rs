@@ -82,14 +82,29 @@ impl Role {
                     | StockRead
                     | StockWrite
                     | CashDesk
+                    | BankRead
+                    | BankBindings
             ),
             Role::Finance => matches!(
                 p,
-                CardholdersRead | CardsRead | StockRead | LedgerRead | CashDesk | TerminalsRead
+                CardholdersRead
+                    | CardsRead
+                    | StockRead
+                    | LedgerRead
+                    | CashDesk
+                    | TerminalsRead
+                    | BankRead
+                    | BankResolve
             ),
             Role::Auditor => matches!(
                 p,
-                CardholdersRead | CardsRead | StockRead | LedgerRead | AuditRead | TerminalsRead
+                CardholdersRead
+                    | CardsRead
+                    | StockRead
+                    | LedgerRead
+                    | AuditRead
+                    | TerminalsRead
+                    | BankRead
             ),
             Role::MerchantOperator => matches!(p, Payments),
         }
@@ -122,10 +137,17 @@ pub enum Permission {
     TerminalsRead,
     /// Register terminals, bind PSAMs, enable and disable them.
     TerminalsManage,
+    /// Bank top-ups, bank bindings, reversals and reconciliation results.
+    BankRead,
+    /// Bank card bindings and their files (account opening, card production, cancellation).
+    BankBindings,
+    /// Resolve reconciliation differences and reversals left to an operator: these post
+    /// through the ledger.
+    BankResolve,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 16] = [
         Permission::CardholdersRead,
         Permission::CardholdersWrite,
         Permission::CardsRead,
@@ -139,6 +161,9 @@ impl Permission {
         Permission::OperatorsManage,
         Permission::TerminalsRead,
         Permission::TerminalsManage,
+        Permission::BankRead,
+        Permission::BankBindings,
+        Permission::BankResolve,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +181,9 @@ impl Permission {
             Permission::OperatorsManage => "operators.manage",
             Permission::TerminalsRead => "terminals.read",
             Permission::TerminalsManage => "terminals.manage",
+            Permission::BankRead => "bank.read",
+            Permission::BankBindings => "bank.bindings",
+            Permission::BankResolve => "bank.resolve",
         }
     }
 }
