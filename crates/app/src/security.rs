@@ -255,6 +255,28 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
 
     /// Kinds, versions and check values: never keys.
     fn list(&self) -> Vec<KeyInfo>;
+
+    /// PIN translation: a PIN block a terminal encrypted under its session's PIN key, for the
+    /// bank card `pan`, re-encrypted under the bank's PIN key (field 52 towards the bank). The
+    /// clear block exists only inside this call and is zeroised; a block that is not a valid
+    /// ISO 9564 format-0 block for that card is refused (the kiosk used another key or card).
+    fn translate_pin(
+        &self,
+        from: &TerminalSession,
+        to: &BankSession,
+        pan: &str,
+        block: [u8; 8],
+    ) -> anyhow::Result<[u8; 8]> {
+        let pik = from
+            .pik
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this terminal session has no PIN key"))?;
+        let clear = card::crypto::PinBlock::decrypt(pik, block);
+        if clear.pin(pan).is_err() {
+            anyhow::bail!("the PIN block is not a format-0 block for this card");
+        }
+        Ok(to.encrypt_pin_block(&clear))
+    }
 }
 
 /// A bank link's working keys for one day, inside the module's process: the MAC key for
@@ -285,10 +307,13 @@ impl BankSession {
     }
 }
 
-/// A signed-in terminal's working MAC key, inside the module's process. A hardware module
-/// would keep the key and hand out a reference; the front end only ever asks for MACs.
+/// A signed-in terminal's working keys, inside the module's process: its MAC key and, for a
+/// terminal that signed in at the centre, its PIN key (a kiosk's PIN blocks come under it). A
+/// hardware module would keep the keys and hand out a reference; the front end only ever asks
+/// for MACs and PIN translations.
 pub struct TerminalSession {
     mak: DesKey,
+    pik: Option<Tdes2Key>,
 }
 
 impl fmt::Debug for TerminalSession {
@@ -301,7 +326,7 @@ impl TerminalSession {
     /// A session with a MAC key received from the centre (a commerce gateway's copy of the
     /// key of a terminal behind it).
     pub fn from_key(mak: DesKey) -> TerminalSession {
-        TerminalSession { mak }
+        TerminalSession { mak, pik: None }
     }
 
     /// The MAC of `data` with the session's MAK, by the algorithm the profile names.
@@ -660,7 +685,13 @@ impl SecurityModule for SoftwareSecurityModule {
         f62.extend_from_slice(&tmk.wrap_des_key(&mak));
         f62.extend_from_slice(&[0u8; 8]);
         f62.extend_from_slice(&mak.check_value());
-        Ok((f62, TerminalSession { mak }))
+        Ok((
+            f62,
+            TerminalSession {
+                mak,
+                pik: Some(pik),
+            },
+        ))
     }
 
     fn delegate_session(
@@ -720,7 +751,7 @@ impl SecurityModule for SoftwareSecurityModule {
         );
         Ok(BankSession {
             pik,
-            mac: TerminalSession { mak },
+            mac: TerminalSession { mak, pik: None },
         })
     }
 
