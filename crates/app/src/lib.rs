@@ -4,6 +4,7 @@
 //! This crate owns the clock: the ledger and the store are given the time, never read it.
 
 pub mod access;
+pub mod alarms;
 pub mod audit;
 pub mod authorise;
 pub mod cardholders;
@@ -17,6 +18,7 @@ pub mod personalise;
 pub mod security;
 pub mod stock;
 pub mod terminals;
+pub mod topup;
 
 pub use access::{Actor, Permission, Role};
 pub use error::{AppError, AppResult};
@@ -323,6 +325,11 @@ pub(crate) async fn named_account(
         kind.name()
     );
     AccountId::new(row.int(0)?).ok_or_else(|| anyhow::anyhow!("account {name:?} has an invalid id"))
+}
+
+/// An account id read from the database.
+pub(crate) fn account_id(id: i64) -> anyhow::Result<AccountId> {
+    AccountId::new(id).ok_or_else(|| anyhow::anyhow!("account id {id} is invalid"))
 }
 
 /// A single transfer for a use case.

@@ -284,6 +284,9 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
 pub struct BankSession {
     pik: Tdes2Key,
     mac: TerminalSession,
+    /// The double-length MAC key, when the bank sent one (spec 7.4: all 16 bytes of the MAK
+    /// slot), for X9.19.
+    mac_double: Option<Tdes2Key>,
 }
 
 impl fmt::Debug for BankSession {
@@ -293,9 +296,19 @@ impl fmt::Debug for BankSession {
 }
 
 impl BankSession {
-    /// The MAC of `data` with the day's MAC key.
+    /// The MAC of `data` with the day's MAC key, by the bank profile's algorithm. X9.19 needs
+    /// the double-length key the bank sends for it.
     pub fn mac(&self, algorithm: iso8583::MacAlgorithm, data: &[u8]) -> anyhow::Result<[u8; 8]> {
-        self.mac.mac(algorithm, data)
+        match (algorithm, &self.mac_double) {
+            (iso8583::MacAlgorithm::X9_19, Some(k)) => Ok(card::crypto::x9_19_mac(k, [0; 8], data)),
+            (iso8583::MacAlgorithm::X9_19, None) => anyhow::bail!(
+                "X9.19 needs a double-length MAC key; the bank sent a single-length one"
+            ),
+            (_, Some(_)) => anyhow::bail!(
+                "the bank sent a double-length MAC key; its profile must name X9.19"
+            ),
+            _ => self.mac.mac(algorithm, data),
+        }
     }
 
     /// A clear ISO 9564 format-0 PIN block encrypted under the bank's PIN key (field 52).
@@ -744,14 +757,29 @@ impl SecurityModule for SoftwareSecurityModule {
             pik.check_value()[..] == f62[16..20],
             "the bank's PIN key does not match its check value"
         );
-        let mak = bmk.unwrap_des_key(f62[20..28].try_into().expect("8 bytes"));
-        anyhow::ensure!(
-            mak.check_value()[..] == f62[36..40],
-            "the bank's MAC key does not match its check value"
-        );
+        // Spec 7.4: a single-length MAK fills the first 8 bytes of its slot and zeros follow;
+        // a double-length one (X9.19) fills all 16.
+        let double = f62[28..36] != [0u8; 8];
+        let (mak, mac_double) = if double {
+            let k = bmk.unwrap_tdes_key(f62[20..36].try_into().expect("16 bytes"));
+            anyhow::ensure!(
+                k.check_value()[..] == f62[36..40],
+                "the bank's MAC key does not match its check value"
+            );
+            let left = DesKey::from_slice(&k.expose_bytes()[..8]).expect("8 bytes");
+            (left, Some(k))
+        } else {
+            let mak = bmk.unwrap_des_key(f62[20..28].try_into().expect("8 bytes"));
+            anyhow::ensure!(
+                mak.check_value()[..] == f62[36..40],
+                "the bank's MAC key does not match its check value"
+            );
+            (mak, None)
+        };
         Ok(BankSession {
             pik,
             mac: TerminalSession { mak, pik: None },
+            mac_double,
         })
     }
 

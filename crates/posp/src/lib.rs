@@ -735,6 +735,8 @@ fn upload_answer(answer: &mut Message, outcome: &[app::ingest::IngestOutcome]) {
 pub enum Reply {
     Now(Vec<u8>),
     Later(tokio::sync::oneshot::Receiver<Vec<u8>>),
+    /// The answer, sent twice (the bank simulator's duplicate-answer fault).
+    Twice(Vec<u8>),
 }
 
 /// Answers a connection may owe at once before it stops reading (pipelined uploads).
@@ -847,8 +849,13 @@ async fn connection<H: Handler>(
         // Write the answers that are ready, in order.
         out.clear();
         while let Some((tpdu, reply, _)) = owed.front_mut() {
+            let mut copies = 1;
             let body = match reply {
                 Reply::Now(b) => std::mem::take(b),
+                Reply::Twice(b) => {
+                    copies = 2;
+                    std::mem::take(b)
+                }
                 Reply::Later(rx) => match rx.try_recv() {
                     Ok(b) => b,
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
@@ -859,7 +866,9 @@ async fn connection<H: Handler>(
             };
             let framed = frame::build(&profile, *tpdu, &HEADER, &body)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            out.extend_from_slice(&framed);
+            for _ in 0..copies {
+                out.extend_from_slice(&framed);
+            }
             owed.pop_front();
         }
         if !out.is_empty() {
@@ -879,7 +888,7 @@ async fn connection<H: Handler>(
         let can_read = !closed && owed.len() < ANSWERS_OWED_MAX;
         let front = owed.front_mut().and_then(|(_, r, deadline)| match r {
             Reply::Later(rx) => Some((rx, *deadline)),
-            Reply::Now(_) => None,
+            Reply::Now(_) | Reply::Twice(_) => None,
         });
         match front {
             Some((rx, deadline)) => {
