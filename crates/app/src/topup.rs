@@ -795,8 +795,13 @@ impl TopUps {
         let reply = self.bank.transfer(&transfer, pin).await;
         let settled = settle(&self.app, &self.policy, t.id, reply).await?;
         if settled.state == State::Reversing {
-            self.reverse_one(&settled).await?;
-            return get_row(&self.app, t.id).await;
+            // The first try at once, without keeping the terminal waiting; the worker retries.
+            let (me, due) = (self.clone(), settled.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me.reverse_one(&due).await {
+                    tracing::warn!(top_up = due.id, error = %e, "reversal");
+                }
+            });
         }
         Ok(settled)
     }
@@ -1687,4 +1692,17 @@ pub fn parse_batch(text: &str) -> Result<Vec<BatchLine>, Vec<String>> {
     } else {
         Err(errors)
     }
+}
+
+/// The online counter a top-up being written was given its MAC2 with (`None` if no MAC2 is
+/// out): a terminal compares it with the card's to know whether the card took that load.
+pub async fn load_counter(app: &App, id: i64) -> anyhow::Result<Option<i64>> {
+    Ok(app
+        .store()
+        .query_opt(
+            "SELECT load_counter FROM bank_topups WHERE id = $1 AND state = $2",
+            params![id, State::Loading.code()],
+        )
+        .await?
+        .and_then(|r| r.opt_int(0).ok().flatten()))
 }

@@ -449,16 +449,10 @@ fn utc_date() -> String {
 }
 
 /// Now in UTC, `YYYYMMDDhhmmss`.
-fn utc_now_digits() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let secs = ms.div_euclid(1000).rem_euclid(86_400);
-    format!(
-        "{}{:02}{:02}{:02}",
-        app::cards::date_after_days(ledger::Timestamp(ms), 0).replace('-', ""),
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
+pub(crate) fn utc_now_digits() -> String {
+    crate::tx_time(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
     )
 }
