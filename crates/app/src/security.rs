@@ -304,9 +304,9 @@ impl BankSession {
             (iso8583::MacAlgorithm::X9_19, None) => anyhow::bail!(
                 "X9.19 needs a double-length MAC key; the bank sent a single-length one"
             ),
-            (_, Some(_)) => anyhow::bail!(
-                "the bank sent a double-length MAC key; its profile must name X9.19"
-            ),
+            (_, Some(_)) => {
+                anyhow::bail!("the bank sent a double-length MAC key; its profile must name X9.19")
+            }
             _ => self.mac.mac(algorithm, data),
         }
     }

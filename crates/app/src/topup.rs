@@ -250,8 +250,12 @@ pub enum BankReply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReversalReply {
     /// `00` or `25`: closed.
-    Acknowledged { f39: String },
-    NotAcknowledged { detail: String },
+    Acknowledged {
+        f39: String,
+    },
+    NotAcknowledged {
+        detail: String,
+    },
 }
 
 /// The bank side of the top-up flows: the `banklink` crate implements it for the configured
@@ -570,8 +574,7 @@ async fn online_account(tx: &mut Tx<'_>, cardholder_id: i64) -> anyhow::Result<i
 /// The settlement date `YYYYMMDD` for the bank's `MMDD`, in the year that puts it nearest
 /// to the campus's day.
 fn settle_date(campus: &str, mmdd: Option<&str>) -> String {
-    let Some(mmdd) = mmdd.filter(|m| m.len() == 4 && m.bytes().all(|b| b.is_ascii_digit()))
-    else {
+    let Some(mmdd) = mmdd.filter(|m| m.len() == 4 && m.bytes().all(|b| b.is_ascii_digit())) else {
         return campus.to_owned();
     };
     let year: i64 = campus[..4].parse().unwrap_or(2000);
@@ -613,7 +616,14 @@ pub async fn settle(
                             "UPDATE bank_topups SET state = $2, bank_code = '00', \
                              bank_reference = $3, auth_code = $4, settle_date = $5, \
                              updated_at = $6 WHERE id = $1",
-                            params![id, State::Approved.code(), reference, auth_code, date, now.0],
+                            params![
+                                id,
+                                State::Approved.code(),
+                                reference,
+                                auth_code,
+                                date,
+                                now.0
+                            ],
                         )
                         .await?;
                         match credit(tx, &t, &policy, now).await {
@@ -661,20 +671,25 @@ pub async fn settle(
 }
 
 /// Posts the credit of an approved top-up: `bank:<bank>` → online account.
-async fn credit(
-    tx: &mut Tx<'_>,
-    t: &TopUp,
-    policy: &TopUpPolicy,
-    now: Timestamp,
-) -> AppResult<()> {
-    let bank =
-        crate::named_account(tx, AccountKind::BankClearing, &format!("bank:{}", t.bank_id), now)
-            .await?;
+async fn credit(tx: &mut Tx<'_>, t: &TopUp, policy: &TopUpPolicy, now: Timestamp) -> AppResult<()> {
+    let bank = crate::named_account(
+        tx,
+        AccountKind::BankClearing,
+        &format!("bank:{}", t.bank_id),
+        now,
+    )
+    .await?;
     let online = crate::account_id(online_account(tx, t.cardholder_id).await?)?;
     let id = crate::new_transfer_id(now);
     crate::post_all(
         tx,
-        &[crate::single(id, bank, online, t.amount_fen, code::BANK_TOP_UP)],
+        &[crate::single(
+            id,
+            bank,
+            online,
+            t.amount_fen,
+            code::BANK_TOP_UP,
+        )],
         now,
     )
     .await?;
@@ -1052,7 +1067,7 @@ impl TopUps {
             .query(
                 &format!(
                     "SELECT r.cardholder_id, r.amount_fen, r.daily_cap_fen, \
-                     (SELECT COALESCE(SUM(t.amount_fen), 0) FROM bank_topups t \
+                     (SELECT CAST(COALESCE(SUM(t.amount_fen), 0) AS BIGINT) FROM bank_topups t \
                       WHERE t.cardholder_id = r.cardholder_id AND t.kind = 1 \
                       AND t.requested_at >= $3 AND t.state NOT IN (6, 8)), \
                      (SELECT COUNT(*) FROM bank_topups t WHERE t.cardholder_id = r.cardholder_id \
@@ -1136,8 +1151,14 @@ async fn recover(app: &App, policy: &TopUpPolicy) -> anyhow::Result<u64> {
                     )
                     .await?;
                 for r in &rows {
-                    due(tx, r.int(0)?, "98", "no answer before the process stopped", now)
-                        .await?;
+                    due(
+                        tx,
+                        r.int(0)?,
+                        "98",
+                        "no answer before the process stopped",
+                        now,
+                    )
+                    .await?;
                 }
                 Ok::<_, anyhow::Error>(rows.len() as u64)
             })
@@ -1221,8 +1242,13 @@ pub async fn retry(app: &App, actor: &Actor, id: i64) -> AppResult<TopUp> {
                     params![id, State::Reversing.code(), now.0],
                 )
                 .await?;
-                alarms::clear(tx, alarms::BANK_REVERSAL_UNRESOLVED, &format!("topup:{id}"), now.0)
-                    .await?;
+                alarms::clear(
+                    tx,
+                    alarms::BANK_REVERSAL_UNRESOLVED,
+                    &format!("topup:{id}"),
+                    now.0,
+                )
+                .await?;
                 audit::append(
                     tx,
                     &actor,
@@ -1295,8 +1321,7 @@ pub async fn authorise_load(
                     .ok_or_else(|| AppError::not_found(format!("no card {asn}")))?;
                 let (card_id, holder, status, purse) =
                     (card.int(0)?, card.int(1)?, card.int(2)?, card.int(3)?);
-                if status != crate::cards::CardStatus::Active.code() || holder != t.cardholder_id
-                {
+                if status != crate::cards::CardStatus::Active.code() || holder != t.cardholder_id {
                     return Err(AppError::conflict(
                         "card_not_loadable",
                         format!("card {asn} is not an active card of top-up {id}'s cardholder"),
@@ -1366,11 +1391,9 @@ pub async fn authorise_load(
                 )
                 .await?;
                 // Only now, with the money held, is the MAC2 made (invariant 5).
-                let mac2 = module
-                    .authorise_load(key_version, &load)?
-                    .ok_or_else(|| {
-                        AppError::invalid("mac1_wrong", format!("card {asn}: MAC1 is wrong"))
-                    })?;
+                let mac2 = module.authorise_load(key_version, &load)?.ok_or_else(|| {
+                    AppError::invalid("mac1_wrong", format!("card {asn}: MAC1 is wrong"))
+                })?;
                 tx.execute(
                     "UPDATE bank_topups SET state = $2, load_card_id = $3, load_terminal = $4, \
                      load_counter = $5, load_date_time = $6, load_hold = $7, \
@@ -1659,7 +1682,10 @@ pub fn parse_batch(text: &str) -> Result<Vec<BatchLine>, Vec<String>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut errors = Vec::new();
     let mut lines = Vec::new();
-    let mut rows = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut rows = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     match rows.next() {
         Some((_, h)) if h.trim() == "cardholder_number,amount_fen" => {}
         Some((i, h)) => errors.push(format!(

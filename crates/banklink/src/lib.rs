@@ -101,9 +101,7 @@ pub enum LinkError {
 impl std::fmt::Display for LinkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LinkError::NotSent(m) | LinkError::NoAnswer(m) | LinkError::BadMac(m) => {
-                f.write_str(m)
-            }
+            LinkError::NotSent(m) | LinkError::NoAnswer(m) | LinkError::BadMac(m) => f.write_str(m),
         }
     }
 }

@@ -143,7 +143,10 @@ impl Banks {
         });
         if !fresh {
             *session = None;
-            let code = link.sign_in(&self.trace()).await.map_err(|e| e.to_string())?;
+            let code = link
+                .sign_in(&self.trace())
+                .await
+                .map_err(|e| e.to_string())?;
             if code != BankCode::Approved {
                 return Err(format!("bank {bank_id} refused the sign-in ({code:?})"));
             }

@@ -445,7 +445,9 @@ impl Posp {
                     .to_owned();
                 let f3 = request.text(3).unwrap_or("");
                 match (request.mti_str(), f3) {
-                    ("0200", "400000") | ("0200", "310000") | ("0200", "620000")
+                    ("0200", "400000")
+                    | ("0200", "310000")
+                    | ("0200", "620000")
                     | ("0220", "620000") => {
                         let code = self
                             .kiosk(request, &mut answer, &terminal_no, kind, &session, &batch)

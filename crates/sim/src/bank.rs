@@ -70,7 +70,11 @@ impl BankFault {
                 "no-answer" => BankFault::NoAnswer,
                 "drop" => BankFault::Drop,
                 "duplicate" => BankFault::Duplicate,
-                _ => return Err(format!("unknown fault {s:?}: one of wrong-mac, no-mac, no-answer, late:MS, drop, duplicate, decline:CODE")),
+                _ => {
+                    return Err(format!(
+                        "unknown fault {s:?}: one of wrong-mac, no-mac, no-answer, late:MS, drop, duplicate, decline:CODE"
+                    ));
+                }
             },
             Some(("late", ms)) => BankFault::Late(
                 ms.parse()
@@ -329,8 +333,9 @@ impl BankSim {
                         .map_err(|e| anyhow::anyhow!("{e}"))
                 };
                 let body = match fault {
-                    Some(BankFault::NoMac) => iso8583::encode(&self.profile, &a)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    Some(BankFault::NoMac) => {
+                        iso8583::encode(&self.profile, &a).map_err(|e| anyhow::anyhow!("{e}"))?
+                    }
                     Some(BankFault::WrongMac) => maced(&DesKey::from_bytes([0x5A; 8]))?,
                     _ => maced(&mak)?,
                 };

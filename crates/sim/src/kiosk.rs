@@ -117,9 +117,11 @@ impl Kiosk {
     }
 
     async fn send(&mut self, m: &Message) -> anyhow::Result<Message> {
-        Ok(crate::exchange(&self.profile, &mut self.stream, m, Some(&self.mak))
-            .await?
-            .0)
+        Ok(
+            crate::exchange(&self.profile, &mut self.stream, m, Some(&self.mak))
+                .await?
+                .0,
+        )
     }
 
     fn base(&mut self, mti: &str, f3: &str) -> Message {
@@ -215,11 +217,7 @@ impl Kiosk {
         let r = transmit(
             card,
             rng,
-            &commands::initialize_for_load(
-                app::personalise::KEY_INDEX,
-                amount,
-                &self.terminal,
-            ),
+            &commands::initialize_for_load(app::personalise::KEY_INDEX, amount, &self.terminal),
         )?;
         anyhow::ensure!(r.is_ok(), "INITIALIZE FOR LOAD: {:?}", r.sw());
         let init_bytes = r.data().to_vec();
