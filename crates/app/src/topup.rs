@@ -1732,3 +1732,100 @@ pub async fn load_counter(app: &App, id: i64) -> anyhow::Result<Option<i64>> {
         .await?
         .and_then(|r| r.opt_int(0).ok().flatten()))
 }
+
+/// A batch transfer file's key: the SHA-256 of its bytes, in hex (the origin of each line's
+/// top-up is `batch:<key>:<line>`, so the same file queued again queues nothing new).
+pub fn batch_key(text: &str) -> String {
+    use sha2::Digest as _;
+    crate::security::hex(&sha2::Sha256::digest(text.as_bytes())).to_lowercase()
+}
+
+/// Queues a batch transfer file (see [`parse_batch`]): every line becomes a queued top-up from
+/// the cardholder's bound bank card, sent by the link's worker. Audited once for the file.
+/// Lines that cannot be queued (no such cardholder, no binding) come back with their error;
+/// the others are queued. A file with a format error queues nothing.
+pub async fn queue_batch(
+    app: &App,
+    actor: &Actor,
+    policy: &TopUpPolicy,
+    text: &str,
+) -> AppResult<(String, Vec<(BatchLine, AppResult<TopUp>)>)> {
+    actor.require(Permission::BankResolve)?;
+    let lines = parse_batch(text).map_err(|errors| {
+        AppError::invalid(
+            "invalid_batch_file",
+            format!("the batch file has errors:\n{}", errors.join("\n")),
+        )
+    })?;
+    let key = batch_key(text);
+    let mut out = Vec::with_capacity(lines.len());
+    for l in lines {
+        let r = begin(
+            app,
+            policy,
+            TopUpRequest {
+                origin: format!("batch:{key}:{}", l.line),
+                kind: Kind::Batch,
+                card_asn: None,
+                cardholder_number: Some(l.cardholder_number.clone()),
+                pan: None,
+                amount_fen: l.amount_fen,
+                terminal_no: None,
+            },
+            true,
+        )
+        .await
+        .map(|b| match b {
+            Begun::New(t) | Begun::Existing(t) => t,
+        });
+        out.push((l, r));
+    }
+    let now = app.now();
+    let (queued, total): (usize, i64) = out
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .fold((0, 0), |(n, s), t| (n + 1, s + t.amount_fen));
+    let summary = serde_json::json!({
+        "lines": out.len(), "queued": queued, "total_fen": total,
+    })
+    .to_string();
+    let actor = actor.clone();
+    let target = format!("batch:{key}");
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                audit::append(tx, &actor, now.0, "topup.batch", &target, &summary).await?;
+                Ok::<_, AppError>(())
+            })
+        })
+        .await?;
+    Ok((key, out))
+}
+
+/// The top-ups of a batch file, by its key, in line order.
+pub async fn batch_status(app: &App, actor: &Actor, key: &str) -> AppResult<Vec<TopUp>> {
+    actor.require(Permission::BankRead)?;
+    let rows = app
+        .store()
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM bank_topups t WHERE t.origin LIKE $1 ORDER BY t.id"
+            ),
+            params![format!("batch:{key}:%")],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(from_row)
+        .collect::<anyhow::Result<Vec<_>>>()?)
+}
+
+impl State {
+    /// Whether nothing more will happen to the top-up without an operator or a card.
+    pub fn settled(self) -> bool {
+        !matches!(
+            self,
+            State::Queued | State::Requested | State::Approved | State::Reversing
+        )
+    }
+}

@@ -94,7 +94,6 @@ async fn world(db: &harness::TestDb, cards: usize) -> World {
     let module: Arc<dyn SecurityModule> =
         Arc::new(SoftwareSecurityModule::open(&db.store, &kek).await.unwrap());
     let app = App::new(db.store.clone(), Arc::new(app::SystemClock));
-    let actor = Actor::cli();
     let version = module.current_version(KeyKind::BankMaster).unwrap();
     let accounts = (1..=cards as u64)
         .map(|i| BankAccount {
@@ -119,74 +118,12 @@ async fn world(db: &harness::TestDb, cards: usize) -> World {
         )
         .await
     });
-    app::terminals::register(
-        &app,
-        &actor,
-        app::terminals::NewTerminal {
-            terminal_no: KIOSK.into(),
-            kind: app::terminals::TerminalKind::Kiosk,
-            merchant_account_id: None,
-            location: "library kiosk".into(),
-            psam_serial: Some(KIOSK_PSAM.into()),
-            gateway_no: None,
-        },
-    )
-    .await
-    .unwrap();
-    // Cardholders with a card each and a bank card bound.
-    let first = app::stock::format_asn(1);
-    app::stock::receive(&app, &actor, &first, cards as u64, "test")
+    let population = sim::kiosk::setup(&app, module.as_ref(), BANK, 1, cards, 9_001)
         .await
         .unwrap();
-    app::stock::initialise(&app, &actor, &first, cards as u64)
-        .await
-        .unwrap();
-    let csv = app::demo::cardholders_csv(cards, 2_026_000_001, 7);
-    app::cardholders::import_csv(
-        &app,
-        &actor,
-        csv.as_bytes(),
-        app::cardholders::ImportOptions {
-            issue_cards: false,
-            progress: None,
-        },
-    )
-    .await
-    .unwrap();
-    let profile = app::personalise::CardProfile {
-        issuer_id: *b"ONECARD1",
-        start_date: "20260101".into(),
-        expiry_date: "20301231".into(),
-        balance_max_fen: 10_000_000,
-        pin: "123456".into(),
-    };
-    let mut out = Vec::new();
-    for i in 0..cards {
-        let number = (2_026_000_001 + i as u64).to_string();
-        let holder = app::cardholders::by_number(&app, &actor, &number)
-            .await
-            .unwrap();
-        let asn = app::stock::format_asn(1 + i as u128);
-        app::cards::issue(
-            &app,
-            &actor,
-            app::cards::IssueRequest {
-                cardholder_id: holder.id,
-                asn: Some(asn.clone()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        bind(&app, holder.id, &sim::bank::pan(1 + i as u64)).await;
-        let card = app::personalise::personalise_soft_card(
-            module.as_ref(),
-            card::purse::Asn::parse_digits(&asn).unwrap(),
-            &profile,
-        )
-        .unwrap();
-        out.push((number, card));
-    }
+    assert_eq!(population.kiosks[0].0, KIOSK);
+    let out: Vec<(String, SoftCard)> =
+        population.cards.into_iter().map(|(n, c, _)| (n, c)).collect();
     let (topups, posp_addr, posp_stop) = campus(&app, &module, &bank_addr, policy()).await;
     World {
         app,
@@ -198,23 +135,6 @@ async fn world(db: &harness::TestDb, cards: usize) -> World {
         cards: out,
         stop: vec![bank_stop, posp_stop],
     }
-}
-
-async fn bind(app: &App, holder: i64, pan: &str) {
-    let pan = pan.to_owned();
-    app.store()
-        .transaction(move |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO bank_bindings (cardholder_id, bank_id, pan, status, bound_at) \
-                     VALUES ($1, $2, $3, 0, 0)",
-                    store::params![holder, BANK, pan],
-                )
-                .await
-            })
-        })
-        .await
-        .unwrap();
 }
 
 impl World {

@@ -4,6 +4,7 @@
 mod bench;
 mod config;
 mod desk_cli;
+mod topup_cli;
 mod operator_cli;
 
 use std::path::PathBuf;
@@ -19,6 +20,10 @@ use ledger::{AccountId, AccountKind, AccountStatus, Fen, Transfer, TransferId, T
 use store::{DatabaseUrl, Store, StoreOptions};
 
 /// How often `serve` releases expired holds.
+/// How often the top-up worker runs (queued top-ups, reversals, deadlines, rules).
+const TOPUP_WORK_INTERVAL_MS: u64 = 500;
+/// Queued top-ups the worker sends at once.
+const TOPUP_SENDS_AT_ONCE: usize = 8;
 const HOLD_SWEEP_INTERVAL_MS: u64 = 1_000;
 /// How often `serve` moves the purse balance of replaced and cancelled cards past their
 /// waiting period to the online account.
@@ -114,6 +119,14 @@ enum Command {
     /// quarantined offline records; a card's purse anomalies.
     #[command(subcommand)]
     Terminal(desk_cli::TerminalCommand),
+    /// Bank top-ups (圈存): their states, the reversal manual queue, batch transfer files,
+    /// automatic top-up rules.
+    #[command(subcommand, name = "topup")]
+    TopUp(topup_cli::TopUpCommand),
+    /// Alarms: bank reversals nobody acknowledged, loads that could not be posted, missing
+    /// reconciliation files.
+    #[command(subcommand)]
+    Alarm(topup_cli::AlarmCommand),
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -303,6 +316,10 @@ enum BenchCommand {
     Posp(bench::PospArgs),
     /// A commerce gateway's outbox backlog drained into the centre over TCP.
     Gateway(bench::GatewayArgs),
+    /// Kiosk bank top-ups end to end over TCP against the bank simulator (transfer, credit,
+    /// MAC2, card write, TAC).
+    #[command(name = "topup")]
+    TopUp(bench::TopUpArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -573,6 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await?,
         Command::Bench(BenchCommand::Posp(args)) => bench::posp(args).await?,
         Command::Bench(BenchCommand::Gateway(args)) => bench::gateway(args).await?,
+        Command::Bench(BenchCommand::TopUp(args)) => bench::topup(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
         Command::Cardholder(cmd) => {
@@ -586,6 +604,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Blacklist { since, json } => {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
+        }
+        Command::TopUp(cmd) => {
+            let app = app(&config, open(&config, false).await?);
+            topup_cli::topup_command(&app, &config.topup, cmd).await?
+        }
+        Command::Alarm(cmd) => {
+            topup_cli::alarm_command(&app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
         Command::Sim(SimCommand::Bank(args)) => sim_bank(&config, args).await?,
@@ -696,17 +721,63 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
             }
         }
     });
+    let module: Option<Arc<dyn app::security::SecurityModule>> =
+        if config.posp_listen.is_some() || !config.banks.is_empty() {
+            let kek = load_kek(config)
+                .context("the terminal front end and the bank links need the KEK")?;
+            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
+            Some(Arc::new(module))
+        } else {
+            None
+        };
+    // Bank top-up: the links, and the worker that sends queued top-ups, retries reversals,
+    // returns expired pending loads, applies automatic rules and signs off daily.
+    let topups = match &module {
+        Some(module) if !config.banks.is_empty() => {
+            let banks = banklink::Banks::new(
+                app.clone(),
+                module.clone(),
+                config.banks.iter().map(|b| b.settings.clone()).collect(),
+            );
+            for b in &config.banks {
+                println!(
+                    "bank link {} to {}{}",
+                    b.settings.link.bank_id,
+                    b.settings.link.address,
+                    b.reconciliation_dir
+                        .as_ref()
+                        .map(|d| format!(", reconciliation files in {}", d.display()))
+                        .unwrap_or_default()
+                );
+            }
+            let topups = app::topup::TopUps::new(app.clone(), Arc::new(banks.clone()), config.topup);
+            let worker = topups.clone();
+            let task = tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval(Duration::from_millis(TOPUP_WORK_INTERVAL_MS));
+                loop {
+                    tick.tick().await;
+                    match worker.work(TOPUP_SENDS_AT_ONCE).await {
+                        Ok(r) if r == app::topup::ReversalRound::default() => {}
+                        Ok(r) => tracing::info!(?r, "bank reversals"),
+                        Err(e) => tracing::warn!(error = ?e, "the top-up worker failed; will retry"),
+                    }
+                    banks.sign_off_due().await;
+                }
+            });
+            Some((topups, task))
+        }
+        _ => None,
+    };
     let posp = match config.posp_listen {
         None => None,
         Some(at) => {
-            let kek = load_kek(config).context("the terminal front end needs the KEK")?;
-            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
-            let module: Arc<dyn app::security::SecurityModule> = Arc::new(module);
+            let module = module.clone().context("the terminal front end needs the KEK")?;
             let listener = tokio::net::TcpListener::bind(at)
                 .await
                 .with_context(|| format!("listening for terminals on {at}"))?;
             println!("terminal front end on {}", listener.local_addr()?);
-            let front = posp::Posp::new(
+            let mut front = posp::Posp::new(
                 app.clone(),
                 module,
                 posp::PospConfig {
@@ -715,6 +786,9 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
                     ..posp::PospConfig::default()
                 },
             );
+            if let Some((t, _)) = &topups {
+                front = front.with_topups(t.clone());
+            }
             Some(tokio::spawn(front.serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
             })))
@@ -726,6 +800,9 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
     let result = web::serve(listener, app, shutdown).await;
     if let Some(p) = posp {
         p.abort();
+    }
+    if let Some((_, task)) = topups {
+        task.abort();
     }
     sweep.abort();
     settle.abort();

@@ -277,3 +277,130 @@ fn read_asn(card: &mut SoftCard, rng: &mut SeededRandom) -> anyhow::Result<Asn> 
 fn now_digits() -> String {
     crate::bank::utc_now_digits()
 }
+
+/// Kiosks and cardholders for top-up runs (tests, `onecard bench topup`, `onecard sim
+/// kiosk`): kiosk terminals registered with their PSAM serials, cardholders each with an
+/// issued, personalised software card and a bank card bound (the simulator's
+/// [`crate::bank::pan`] numbering, from `first_pan`).
+pub struct KioskPopulation {
+    /// Each kiosk's terminal number, PSAM serial and TMK.
+    pub kiosks: Vec<(String, String, Tdes2Key)>,
+    /// Each cardholder's number, card and bound bank card.
+    pub cards: Vec<(String, SoftCard, String)>,
+}
+
+impl std::fmt::Debug for KioskPopulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KioskPopulation")
+            .field("kiosks", &self.kiosks.len())
+            .field("cards", &self.cards.len())
+            .finish()
+    }
+}
+
+/// Registers `kiosks` kiosks (terminal numbers from `first_kiosk`) and makes `cards`
+/// cardholders with a card and a bank card of `bank_id` bound.
+pub async fn setup(
+    app: &app::App,
+    module: &dyn app::security::SecurityModule,
+    bank_id: &str,
+    kiosks: usize,
+    cards: usize,
+    first_kiosk: u64,
+) -> anyhow::Result<KioskPopulation> {
+    use app::security::KeyKind;
+    let actor = app::Actor::cli();
+    let err = |e: app::AppError| anyhow::anyhow!("{e}");
+    let version = module
+        .current_version(KeyKind::TerminalMaster)
+        .ok_or_else(|| anyhow::anyhow!("no terminal master key: run the key ceremony"))?;
+    let mut out = KioskPopulation {
+        kiosks: Vec::new(),
+        cards: Vec::new(),
+    };
+    for k in 0..kiosks as u64 {
+        let number = format!("{:012}", first_kiosk + k);
+        let psam = format!("{:020}", first_kiosk + k);
+        app::terminals::register(
+            app,
+            &actor,
+            app::terminals::NewTerminal {
+                terminal_no: number.clone(),
+                kind: app::terminals::TerminalKind::Kiosk,
+                merchant_account_id: None,
+                location: format!("simulated kiosk {}", k + 1),
+                psam_serial: Some(psam.clone()),
+                gateway_no: None,
+            },
+        )
+        .await
+        .map_err(err)?;
+        let tmk = module.terminal_master(version, &app::terminals::terminal_id(&number).map_err(err)?)?;
+        out.kiosks.push((number, psam, tmk));
+    }
+    let first = app::stock::format_asn(1);
+    app::stock::receive(app, &actor, &first, cards as u64, "simulator")
+        .await
+        .map_err(err)?;
+    app::stock::initialise(app, &actor, &first, cards as u64)
+        .await
+        .map_err(err)?;
+    let csv = app::demo::cardholders_csv(cards, 2_026_000_001, 7);
+    app::cardholders::import_csv(
+        app,
+        &actor,
+        csv.as_bytes(),
+        app::cardholders::ImportOptions {
+            issue_cards: false,
+            progress: None,
+        },
+    )
+    .await
+    .map_err(err)?;
+    let profile = app::personalise::CardProfile {
+        issuer_id: *b"ONECARD1",
+        start_date: "20260101".into(),
+        expiry_date: "20301231".into(),
+        balance_max_fen: 100_000_000,
+        pin: "123456".into(),
+    };
+    for i in 0..cards {
+        let number = (2_026_000_001 + i as u64).to_string();
+        let holder = app::cardholders::by_number(app, &actor, &number)
+            .await
+            .map_err(err)?;
+        let asn = app::stock::format_asn(1 + i as u128);
+        app::cards::issue(
+            app,
+            &actor,
+            app::cards::IssueRequest {
+                cardholder_id: holder.id,
+                asn: Some(asn.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(err)?;
+        let pan = crate::bank::pan(1 + i as u64);
+        let (bank, bound) = (bank_id.to_owned(), pan.clone());
+        app.store()
+            .transaction(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "INSERT INTO bank_bindings (cardholder_id, bank_id, pan, status, bound_at) \
+                         VALUES ($1, $2, $3, 0, 0)",
+                        store::params![holder.id, bank, bound],
+                    )
+                    .await
+                })
+            })
+            .await?;
+        let card = app::personalise::personalise_soft_card(
+            module,
+            Asn::parse_digits(&asn).map_err(|e| anyhow::anyhow!("ASN {asn}: {e:?}"))?,
+            &profile,
+        )?;
+        out.cards.push((number, card, pan));
+    }
+    Ok(out)
+}
