@@ -1308,7 +1308,7 @@ pub async fn topup(args: TopUpArgs) -> anyhow::Result<()> {
             let mut tasks = tokio::task::JoinSet::new();
             for (k, (mut kiosk, (_, mut card, pan))) in kiosks
                 .into_iter()
-                .zip(population.cards.into_iter())
+                .zip(population.cards)
                 .enumerate()
             {
                 tasks.spawn(async move {
