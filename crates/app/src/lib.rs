@@ -8,6 +8,7 @@ pub mod audit;
 pub mod authorise;
 pub mod cardholders;
 pub mod cards;
+mod csv_input;
 pub mod demo;
 pub mod error;
 pub mod ingest;
