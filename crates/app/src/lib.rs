@@ -6,6 +6,7 @@
 pub mod access;
 pub mod audit;
 pub mod authorise;
+pub mod bindings;
 pub mod cardholders;
 pub mod cards;
 mod csv_input;
