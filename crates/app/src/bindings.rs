@@ -67,7 +67,7 @@ pub const CARD_FILE_COLUMNS: [&str; 2] = ["cardholder_number", "pan"];
 /// The columns of the cancellation file, in order.
 pub const CANCEL_FILE_HEADER: [&str; 3] = ["cardholder_number", "pan", "reason"];
 
-/// `6222020200112233445` → `622202******3445`: the first six digits (the bank's BIN) and the
+/// `6222020200112233446` → `622202******3446`: the first six digits (the bank's BIN) and the
 /// last four, whatever the length in between. Text too short to keep anything hidden is all
 /// stars.
 pub fn mask_pan(pan: &str) -> String {
@@ -976,7 +976,7 @@ mod tests {
 
     #[test]
     fn pans_are_masked_and_checked() {
-        assert_eq!(mask_pan("6222020200112233445"), "622202******3445");
+        assert_eq!(mask_pan("6222020200112233446"), "622202******3446");
         assert_eq!(mask_pan("4111111111111"), "411111******1111");
         assert_eq!(mask_pan("1234567890"), "**********");
         assert!(Pan::parse("4111111111111111").is_ok());
