@@ -383,14 +383,26 @@ async fn bind_locked(
     if let Some(old) = &current {
         end(tx, old.id, END_CHANGED, now_ms).await?;
     }
-    let id = tx
+    let id = match tx
         .query_one(
             "INSERT INTO bank_bindings (cardholder_id, bank_id, pan, status, bound_at) \
              VALUES ($1, $2, $3, 0, $4) RETURNING id",
             params![holder.id, bank_id, pan.expose(), now_ms],
         )
-        .await?
-        .int(0)?;
+        .await
+    {
+        Ok(row) => row.int(0)?,
+        // Not expected under the lock; the database's message would show the PAN whole.
+        Err(e) if store::is_unique_violation(&e) => {
+            return Err(anyhow::anyhow!(
+                "the database refused a second active binding of bank card {pan} at bank \
+                 {bank_id} or for cardholder {:?} (a writer without the {LOCK_KEY:?} lock?)",
+                holder.number
+            )
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let ended = match current {
         Some(old) => Some(binding_by_id(tx, old.id).await?),
         None => None,

@@ -437,3 +437,34 @@ conformance! {
         assert!(app.check().await.unwrap().is_ok());
     }
 }
+
+conformance! {
+    async fn concurrent_binds_of_one_card_bind_it_once(db) {
+        let (app, _) = app(db);
+        let a = desk();
+        stocked(&app, "10000000000000000001", 2).await;
+        holder(&app, "S1", "One", true).await;
+        holder(&app, "S2", "Two", true).await;
+        // Each round, both cardholders ask for the same new card at once: one gets it, the
+        // other is told who has it (not a database error).
+        let mut winners = std::collections::BTreeSet::new();
+        for round in 0..20u32 {
+            let p = pan(&format!("62220203{round:08}"));
+            let (one, two) = tokio::join!(
+                bindings::bind(&app, &a, "S1", BANK, &p),
+                bindings::bind(&app, &a, "S2", BANK, &p),
+            );
+            let (won, lost) = match (one, two) {
+                (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+                other => panic!("round {round}: {other:?}"),
+            };
+            assert_eq!(lost.code(), "pan_bound_elsewhere", "round {round}: {lost}");
+            assert!(lost.to_string().contains(&format!("{:?}", won.binding.cardholder_number)), "{lost}");
+            winners.insert(won.binding.cardholder_number);
+        }
+        // Each card was bound once; each winner holds its last card.
+        assert_eq!(count(&app, "SELECT count(*) FROM bank_bindings").await, 20);
+        assert_eq!(count(&app, "SELECT count(*) FROM bank_bindings WHERE status = 0").await, winners.len() as i64);
+        assert!(audit::verify(app.store()).await.unwrap().is_ok());
+    }
+}
