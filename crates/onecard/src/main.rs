@@ -1,6 +1,7 @@
 //! The `onecard` binary: command line, configuration and wiring. Every command is a thin
 //! adapter over `app`; nothing here decides a business rule.
 
+mod bank_cli;
 mod bench;
 mod config;
 mod desk_cli;
@@ -133,6 +134,10 @@ enum Command {
     /// Operators: accounts with a role that log in to the API (passwords never as flags).
     #[command(subcommand)]
     Operator(operator_cli::OperatorCommand),
+    /// Bank card bindings and the files exchanged with a bank: account opening, card
+    /// production, batch cancellation.
+    #[command(subcommand)]
+    Bank(bank_cli::BankCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -647,6 +652,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Operator(cmd) => operator_cli::run(&config, cmd).await?,
+        Command::Bank(cmd) => {
+            if !bank_cli::run(&app(&config, open(&config, false).await?), cmd).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
