@@ -37,6 +37,7 @@ use serde::Serialize;
 use store::{Row, Tx, params};
 
 use crate::access::{Actor, Permission};
+use crate::bindings::mask_pan;
 use crate::error::{AppError, AppResult};
 use crate::security::{LoadAuthorisation, LoadTacInput, SecurityModule, TerminalSession};
 use crate::{App, alarms, audit, code};
@@ -320,14 +321,6 @@ impl TopUp {
             stan: self.stan.clone(),
             campus_account: campus_account.to_string(),
         }
-    }
-}
-
-/// A bank card number shown: first 6, `******`, last 4.
-pub fn mask_pan(pan: &str) -> String {
-    match pan.len() {
-        n if n > 10 => format!("{}******{}", &pan[..6], &pan[n - 4..]),
-        _ => "****".into(),
     }
 }
 
@@ -1808,9 +1801,7 @@ pub async fn batch_status(app: &App, actor: &Actor, key: &str) -> AppResult<Vec<
     let rows = app
         .store()
         .query(
-            &format!(
-                "SELECT {COLUMNS} FROM bank_topups t WHERE t.origin LIKE $1 ORDER BY t.id"
-            ),
+            &format!("SELECT {COLUMNS} FROM bank_topups t WHERE t.origin LIKE $1 ORDER BY t.id"),
             params![format!("batch:{key}:%")],
         )
         .await?;

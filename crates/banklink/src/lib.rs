@@ -126,12 +126,8 @@ pub struct TransferRequest {
 impl std::fmt::Debug for TransferRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The card number masked, the PIN block never shown.
-        let masked = match self.pan.len() {
-            n if n > 10 => format!("{}******{}", &self.pan[..6], &self.pan[n - 4..]),
-            _ => "****".into(),
-        };
         f.debug_struct("TransferRequest")
-            .field("pan", &masked)
+            .field("pan", &app::bindings::mask_pan(&self.pan))
             .field("amount_fen", &self.amount_fen)
             .field("stan", &self.stan)
             .field("batch", &self.batch)

@@ -122,8 +122,11 @@ async fn world(db: &harness::TestDb, cards: usize) -> World {
         .await
         .unwrap();
     assert_eq!(population.kiosks[0].0, KIOSK);
-    let out: Vec<(String, SoftCard)> =
-        population.cards.into_iter().map(|(n, c, _)| (n, c)).collect();
+    let out: Vec<(String, SoftCard)> = population
+        .cards
+        .into_iter()
+        .map(|(n, c, _)| (n, c))
+        .collect();
     let (topups, posp_addr, posp_stop) = campus(&app, &module, &bank_addr, policy()).await;
     World {
         app,

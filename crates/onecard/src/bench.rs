@@ -1306,10 +1306,8 @@ pub async fn topup(args: TopUpArgs) -> anyhow::Result<()> {
             let per_kiosk = args.topups / args.kiosks;
             let started = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
-            for (k, (mut kiosk, (_, mut card, pan))) in kiosks
-                .into_iter()
-                .zip(population.cards)
-                .enumerate()
+            for (k, (mut kiosk, (_, mut card, pan))) in
+                kiosks.into_iter().zip(population.cards).enumerate()
             {
                 tasks.spawn(async move {
                     let mut rng = card::random::SeededRandom::new(k as u64 + 1);

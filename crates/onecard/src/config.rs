@@ -276,8 +276,9 @@ impl Config {
         let mut topup = app::topup::TopUpPolicy::default();
         if let Some(t) = file.topup {
             if let Some(v) = t.amount_fen_max {
-                topup.amount_fen_max = money("amount_fen_max", v)
-                    .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("[posp]", "[topup]")))?;
+                topup.amount_fen_max = money("amount_fen_max", v).map_err(|e| {
+                    anyhow::anyhow!("{}", e.to_string().replace("[posp]", "[topup]"))
+                })?;
             }
             if let Some(v) = t.pending_load_hours {
                 anyhow::ensure!(

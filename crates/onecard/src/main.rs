@@ -5,8 +5,8 @@ mod bank_cli;
 mod bench;
 mod config;
 mod desk_cli;
-mod topup_cli;
 mod operator_cli;
+mod topup_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -760,17 +760,19 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 );
             }
-            let topups = app::topup::TopUps::new(app.clone(), Arc::new(banks.clone()), config.topup);
+            let topups =
+                app::topup::TopUps::new(app.clone(), Arc::new(banks.clone()), config.topup);
             let worker = topups.clone();
             let task = tokio::spawn(async move {
-                let mut tick =
-                    tokio::time::interval(Duration::from_millis(TOPUP_WORK_INTERVAL_MS));
+                let mut tick = tokio::time::interval(Duration::from_millis(TOPUP_WORK_INTERVAL_MS));
                 loop {
                     tick.tick().await;
                     match worker.work(TOPUP_SENDS_AT_ONCE).await {
                         Ok(r) if r == app::topup::ReversalRound::default() => {}
                         Ok(r) => tracing::info!(?r, "bank reversals"),
-                        Err(e) => tracing::warn!(error = ?e, "the top-up worker failed; will retry"),
+                        Err(e) => {
+                            tracing::warn!(error = ?e, "the top-up worker failed; will retry")
+                        }
                     }
                     banks.sign_off_due().await;
                 }
@@ -782,7 +784,9 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
     let posp = match config.posp_listen {
         None => None,
         Some(at) => {
-            let module = module.clone().context("the terminal front end needs the KEK")?;
+            let module = module
+                .clone()
+                .context("the terminal front end needs the KEK")?;
             let listener = tokio::net::TcpListener::bind(at)
                 .await
                 .with_context(|| format!("listening for terminals on {at}"))?;

@@ -216,7 +216,12 @@ async fn batch(
         .write(true)
         .create_new(true)
         .open(&out)
-        .with_context(|| format!("creating the result file {} (it must not exist)", out.display()))?;
+        .with_context(|| {
+            format!(
+                "creating the result file {} (it must not exist)",
+                out.display()
+            )
+        })?;
     let (key, lines) = match topup::queue_batch(app, &a, policy, &text).await {
         Ok(x) => x,
         Err(err) => {
@@ -262,7 +267,10 @@ async fn batch(
     bar.finish();
     let by_origin: std::collections::HashMap<&str, &TopUp> =
         status.iter().map(|t| (t.origin.as_str(), t)).collect();
-    writeln!(result, "line,cardholder_number,amount_fen,topup_id,state,code,message")?;
+    writeln!(
+        result,
+        "line,cardholder_number,amount_fen,topup_id,state,code,message"
+    )?;
     let mut counts: std::collections::BTreeMap<String, (usize, i64)> = Default::default();
     for (l, r) in &lines {
         let (id, st, code, message) = match r {

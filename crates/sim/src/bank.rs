@@ -218,11 +218,7 @@ impl BankSim {
             .sum();
         let mut out = format!("H|{bank_id}|{date}|{}|{total}\n", lines.len());
         for ((batch, stan), t) in &lines {
-            let masked = if t.pan.len() > 10 {
-                format!("{}******{}", &t.pan[..6], &t.pan[t.pan.len() - 4..])
-            } else {
-                "****".into()
-            };
+            let masked = app::bindings::mask_pan(&t.pan);
             out.push_str(&format!(
                 "D|{date}|{}|{batch}{stan}|{}|{masked}|{}|{}|LOAD|{}|{}\n",
                 t.reference,

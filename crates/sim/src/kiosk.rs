@@ -335,7 +335,8 @@ pub async fn setup(
         )
         .await
         .map_err(err)?;
-        let tmk = module.terminal_master(version, &app::terminals::terminal_id(&number).map_err(err)?)?;
+        let tmk =
+            module.terminal_master(version, &app::terminals::terminal_id(&number).map_err(err)?)?;
         out.kiosks.push((number, psam, tmk));
     }
     let first = app::stock::format_asn(1);
@@ -382,19 +383,9 @@ pub async fn setup(
         .await
         .map_err(err)?;
         let pan = crate::bank::pan(1 + i as u64);
-        let (bank, bound) = (bank_id.to_owned(), pan.clone());
-        app.store()
-            .transaction(move |tx| {
-                Box::pin(async move {
-                    tx.execute(
-                        "INSERT INTO bank_bindings (cardholder_id, bank_id, pan, status, bound_at) \
-                         VALUES ($1, $2, $3, 0, 0)",
-                        store::params![holder.id, bank, bound],
-                    )
-                    .await
-                })
-            })
-            .await?;
+        app::bindings::bind(app, &actor, &number, bank_id, &pan)
+            .await
+            .map_err(err)?;
         let card = app::personalise::personalise_soft_card(
             module,
             Asn::parse_digits(&asn).map_err(|e| anyhow::anyhow!("ASN {asn}: {e:?}"))?,
