@@ -346,12 +346,33 @@ struct SimBankArgs {
     /// The bank's institution code (the bank master key is diversified by it).
     #[arg(long, default_value = "01040000")]
     bank_id: String,
-    /// Accounts to open: PANs 6222020200000000001 and up, PIN 123456.
+    /// Accounts to open: PANs 62220202 then the account number in 10 digits then a Luhn
+    /// check digit (6222020200000000014 is the first), PIN 123456.
     #[arg(long, default_value_t = 10)]
     accounts: u32,
     /// Each account's balance in fen.
     #[arg(long, default_value_t = 1_000_000)]
     balance: i64,
+    /// A fault on transfers: wrong-mac, no-mac, no-answer, late:MS, drop, duplicate,
+    /// decline:CODE (the first three after the bank did the work).
+    #[arg(long, value_parser = sim::bank::BankFault::parse)]
+    fault: Option<sim::bank::BankFault>,
+    /// Apply --fault to this many transfers only (then answer normally).
+    #[arg(long)]
+    fault_times: Option<u32>,
+    /// A fault on reversals, as for --fault.
+    #[arg(long, value_parser = sim::bank::BankFault::parse)]
+    reversal_fault: Option<sim::bank::BankFault>,
+    /// Apply --reversal-fault to this many reversals only.
+    #[arg(long)]
+    reversal_fault_times: Option<u32>,
+    /// Write the day's reconciliation file (BANK<id><YYYYMMDD>.txt) here at each sign-off
+    /// and when stopped.
+    #[arg(long)]
+    reconciliation_dir: Option<std::path::PathBuf>,
+    /// The settlement date of the transfers (YYYYMMDD); today (UTC) by default.
+    #[arg(long)]
+    settle_date: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -1366,9 +1387,22 @@ async fn sim_bank(config: &Config, args: SimBankArgs) -> anyhow::Result<()> {
         .current_version(app::security::KeyKind::BankMaster)
         .context("no bank master key: run `onecard keys ceremony`")?;
     let bmk = module.bank_master(version, &args.bank_id)?;
+    if let Some(d) = &args.settle_date {
+        anyhow::ensure!(
+            d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()),
+            "--settle-date {d:?} must be YYYYMMDD"
+        );
+    }
+    if let Some(dir) = &args.reconciliation_dir {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--reconciliation-dir {} is not a directory",
+            dir.display()
+        );
+    }
     let accounts: Vec<sim::bank::BankAccount> = (1..=u64::from(args.accounts))
         .map(|i| sim::bank::BankAccount {
-            pan: format!("622202020{i:010}"),
+            pan: sim::bank::pan(i),
             pin: "123456".into(),
             balance_fen: args.balance,
         })
@@ -1385,16 +1419,37 @@ async fn sim_bank(config: &Config, args: SimBankArgs) -> anyhow::Result<()> {
         accounts[accounts.len() - 1].pan,
         args.balance
     );
-    let bank = sim::bank::BankSim::new(bmk, accounts);
+    let mut bank = sim::bank::BankSim::new(bmk, accounts);
+    if let Some(dir) = args.reconciliation_dir {
+        bank = bank.with_reconciliation_dir(&args.bank_id, dir);
+    }
+    if let Some(d) = &args.settle_date {
+        bank.set_settle_date(d);
+    }
+    match (args.fault, args.fault_times) {
+        (Some(f), Some(n)) => bank.set_fault_times(f, n),
+        (Some(f), None) => bank.set_fault(Some(f)),
+        (None, Some(_)) => anyhow::bail!("--fault-times needs --fault"),
+        (None, None) => {}
+    }
+    match (args.reversal_fault, args.reversal_fault_times) {
+        (Some(f), Some(n)) => bank.set_reversal_fault_times(f, n),
+        (f, None) => bank.set_reversal_fault(f),
+        (None, Some(_)) => anyhow::bail!("--reversal-fault-times needs --reversal-fault"),
+    }
     posp::serve_frames(
         listener,
         async {
             let _ = tokio::signal::ctrl_c().await;
         },
         &posp::PospConfig::default(),
-        bank,
+        bank.clone(),
     )
-    .await
+    .await?;
+    if let Some(path) = bank.write_reconciliation_file()? {
+        println!("reconciliation file {}", path.display());
+    }
+    Ok(())
 }
 
 async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::Result<()> {

@@ -147,6 +147,9 @@ struct State {
 /// The simulated bank; clones share its state.
 #[derive(Clone)]
 pub struct BankSim {
+    /// The bank's code and the directory its reconciliation file is written to at each
+    /// sign-off (`onecard sim bank --reconciliation-dir`).
+    files: Option<(String, std::path::PathBuf)>,
     bmk: Arc<Tdes2Key>,
     profile: Arc<Profile>,
     state: Arc<Mutex<State>>,
@@ -162,6 +165,7 @@ impl BankSim {
     /// A bank sharing `bmk` (the bank master key for this campus) with these accounts.
     pub fn new(bmk: Tdes2Key, accounts: Vec<BankAccount>) -> BankSim {
         BankSim {
+            files: None,
             bmk: Arc::new(bmk),
             profile: Arc::new(Profile::cups_pos()),
             state: Arc::new(Mutex::new(State {
@@ -175,6 +179,28 @@ impl BankSim {
                 next_reference: 1,
             })),
         }
+    }
+
+    /// Writes the day's reconciliation file for `bank_id` into `dir` at each sign-off
+    /// (`BANK<bank id><YYYYMMDD>.txt`, replaced whole).
+    pub fn with_reconciliation_dir(mut self, bank_id: &str, dir: std::path::PathBuf) -> BankSim {
+        self.files = Some((bank_id.to_owned(), dir));
+        self
+    }
+
+    /// Writes the reconciliation file of the current settlement date now (when a directory
+    /// was given); returns its path.
+    pub fn write_reconciliation_file(&self) -> anyhow::Result<Option<std::path::PathBuf>> {
+        let Some((bank_id, dir)) = &self.files else {
+            return Ok(None);
+        };
+        let date = self.state.lock().expect("bank state").settle_date.clone();
+        let text = self.reconciliation_file(bank_id, &date);
+        let path = dir.join(format!("BANK{bank_id}{date}.txt"));
+        let tmp = dir.join(format!(".BANK{bank_id}{date}.txt.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(Some(path))
     }
 
     /// Shows `fault` on transfers (0200) from now on (`None`: none).
@@ -193,6 +219,14 @@ impl BankSim {
     /// Shows `fault` on reversals (0400) from now on (`None`: none).
     pub fn set_reversal_fault(&self, fault: Option<BankFault>) {
         self.state.lock().expect("bank state").reversal_fault = Armed { fault, left: None };
+    }
+
+    /// Shows `fault` on the next `n` reversals only.
+    pub fn set_reversal_fault_times(&self, fault: BankFault, n: u32) {
+        self.state.lock().expect("bank state").reversal_fault = Armed {
+            fault: Some(fault),
+            left: Some(n.max(1)),
+        };
     }
 
     /// The settlement date (`YYYYMMDD`) of the transfers from now on (default: today, UTC).
@@ -284,6 +318,10 @@ impl BankSim {
             }
             ("0820", "002") => {
                 st.keys = None;
+                drop(st);
+                if let Err(e) = self.write_reconciliation_file() {
+                    tracing::warn!(error = %e, "writing the reconciliation file");
+                }
                 a.set(39, "00");
                 plain(&a)
             }
