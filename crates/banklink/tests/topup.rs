@@ -458,12 +458,47 @@ conformance! {
         // A MAC2 the card never used (the card was pulled away): the next tap gets a new one
         // for the same top-up, and the first hold is released.
         let mut kiosk = w.kiosk().await;
-        let (_, card) = &mut w.cards[0];
-        let loads = kiosk.load_pending(card, &mut rng).await.unwrap();
-        assert_eq!(loads.len(), 2);
-        assert_eq!(card.balance_fen(), 3_000);
         let holder = w.holder(&number).await;
+        let first = pending[0].id;
+        let purse0 = w.purse_account(0).await;
+        let (n0, mut card0) = w.cards.remove(0);
+        let card = &mut card0;
+        let (_unused_mac2, _) = mac2_for(&w.app, &w.module, card, &mut rng, first, 1_000).await.unwrap();
+        assert_eq!(w.topup(first).await.state, State::Loading);
+        let held = w.app.store().query_one(
+            "SELECT debits_pending FROM accounts WHERE id = $1",
+            store::params![holder.online_account.get()],
+        ).await.unwrap().int(0).unwrap();
+        assert_eq!(held, 1_000, "the load's amount is held");
+        let loads = kiosk.load_pending(card, &mut rng).await.unwrap();
+        assert_eq!(loads.len(), 2, "{loads:?}");
+        assert_eq!(card.balance_fen(), 3_000);
         assert_eq!(w.balance(holder.online_account.get()).await, 0);
+        let held = w.app.store().query_one(
+            "SELECT debits_pending FROM accounts WHERE id = $1",
+            store::params![holder.online_account.get()],
+        ).await.unwrap().int(0).unwrap();
+        assert_eq!(held, 0, "the unused MAC2's hold was released");
+
+        // A card that took its MAC2 but whose confirmation was lost: the next tap is told to
+        // confirm first (94), and the TAC from the card confirms it.
+        let begun = app::topup::begin(&w.app, w.topups.policy(), queue("b:4", 400), true).await.unwrap();
+        let app::topup::Begun::New(t4) = begun else { panic!("new") };
+        w.topups.send_queued(1).await.unwrap();
+        let (mac2, init) = mac2_for(&w.app, &w.module, card, &mut rng, t4.id, 400).await.unwrap();
+        let at = card::purse::TxDateTime::parse_digits(&init.1).unwrap();
+        let r = card.transmit(&card::commands::credit_for_load(&at, mac2), &mut rng).unwrap();
+        assert!(r.is_ok());
+        let tac = card::crypto::Mac4::new(r.data().try_into().unwrap());
+        assert_eq!(card.balance_fen(), 3_400);
+        assert_eq!(kiosk.load_pending(card, &mut rng).await.unwrap(), vec![(t4.id, "94".to_owned())]);
+        assert_eq!(card.balance_fen(), 3_400, "not loaded twice");
+        let wrong = app::topup::confirm_load(&w.app, w.module.clone(), t4.id, 3_400, card::crypto::Mac4::new([0; 4])).await;
+        assert_eq!(wrong.unwrap_err().code(), "tac_wrong");
+        let done = app::topup::confirm_load(&w.app, w.module.clone(), t4.id, 3_400, tac).await.unwrap();
+        assert_eq!(done.state, State::Loaded);
+        assert_eq!(w.balance(purse0).await, 3_400, "the purse shadow follows the card");
+        w.cards.insert(0, (n0, card0));
 
         // An automatic rule: the purse (3,000) is under the threshold, so a top-up is queued;
         // only one at a time, and within the daily cap.
@@ -509,4 +544,53 @@ conformance! {
         assert!(w.app.check().await.unwrap().is_ok());
         drop(w.stop);
     }
+}
+
+/// INITIALIZE FOR LOAD on the card and the MAC2 for top-up `id` straight from the use case
+/// (what a kiosk would get in 8.3), without writing the card.
+async fn mac2_for(
+    app: &App,
+    module: &Arc<dyn SecurityModule>,
+    card: &mut SoftCard,
+    rng: &mut SeededRandom,
+    id: i64,
+    amount: u32,
+) -> anyhow::Result<(card::crypto::Mac4, (u16, String))> {
+    use card::commands;
+    let kiosk = app::terminals::terminal_id(KIOSK).unwrap();
+    let r = card
+        .transmit(&commands::select_by_name(&commands::EP_ADF_AID), rng)
+        .unwrap();
+    assert!(r.is_ok());
+    let r = card
+        .transmit(
+            &commands::initialize_for_load(app::personalise::KEY_INDEX, amount, &kiosk),
+            rng,
+        )
+        .unwrap();
+    assert!(r.is_ok(), "{:?}", r.sw());
+    let init = commands::LoadInitResponse::parse(r.data()).unwrap();
+    let at = "20261128120000".to_owned();
+    let load = app::security::LoadAuthorisation {
+        asn: card.issuer_data().asn,
+        random: init.random,
+        online_counter: init.online_counter,
+        old_balance_fen: init.old_balance_fen,
+        amount_fen: amount,
+        terminal_id: kiosk,
+        date_time: card::purse::TxDateTime::parse_digits(&at).unwrap(),
+        mac1: init.mac1,
+    };
+    let mac2 = app::topup::authorise_load(
+        app,
+        module.clone(),
+        &TopUpPolicy::default(),
+        id,
+        KIOSK,
+        init.key_version,
+        load,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((mac2, (init.online_counter, at)))
 }
