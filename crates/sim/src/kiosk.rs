@@ -5,10 +5,12 @@
 //! 1. `0200` / F3 `400000`: bank card (F2), amount, the card's ASN (F48), the PIN block under
 //!    the kiosk's PIN key (F52) → `00` and the top-up's id (F37) once the bank approved and
 //!    the campus credited;
-//! 2. `0200` / F3 `310000`: the card's pending loads → the oldest (id, amount);
-//! 3. INITIALIZE FOR LOAD on the card, then `0200` / F3 `620000` with its answer (F55) →
+//! 2. INITIALIZE FOR LOAD on the card, then `0200` / F3 `620000` with its answer (F55) →
 //!    the MAC2 (F55); CREDIT FOR LOAD on the card → its TAC;
-//! 4. `0220` / F3 `620000` with the new balance and the TAC → `00`: loaded.
+//! 3. `0220` / F3 `620000` with the new balance and the TAC → `00`: loaded;
+//!
+//! and at a tap, [`Kiosk::load_pending`]: `0200` / F3 `310000` gives the card's oldest pending
+//! load (id, amount), written by steps 2 and 3, until none is left.
 //!
 //! The tests and `onecard bench topup` drive it; a real kiosk does the same over a reader.
 
@@ -162,10 +164,13 @@ impl Kiosk {
         let answer = self.send(&m).await?;
         let code = answer.text(39).unwrap_or("").to_owned();
         let topup_id = answer.text(37).and_then(|t| t.trim().parse().ok());
-        let loads = if code == "00" {
-            self.load_pending(card, rng).await?
-        } else {
-            Vec::new()
+        // Approved: this top-up is written to the card at once (the answer named it); older
+        // pending loads wait for [`Kiosk::load_pending`], which a kiosk runs at each tap.
+        let loads = match topup_id {
+            Some(id) if code == "00" => {
+                vec![(id, self.load_one(card, rng, &asn, id, amount_fen).await?)]
+            }
+            _ => Vec::new(),
         };
         Ok(KioskOutcome {
             code,
