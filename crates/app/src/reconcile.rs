@@ -1028,7 +1028,7 @@ pub async fn reconcile_with_progress(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let message = format!(
                 "the bank's file {name} is not in {}: the settlement day {date} of bank {bank_id} \
-                 stays open until it arrives",
+                 stays open until it arrives (alarm {ALARM_FILE_MISSING} raised)",
                 dir.display()
             );
             raise_alarm(app, &subject, &message).await?;

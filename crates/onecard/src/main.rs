@@ -5,6 +5,7 @@ mod bench;
 mod config;
 mod desk_cli;
 mod operator_cli;
+mod recon_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,6 +121,9 @@ enum Command {
     /// Operators: accounts with a role that log in to the API (passwords never as flags).
     #[command(subcommand)]
     Operator(operator_cli::OperatorCommand),
+    /// Reconciliation with the banks' files: run a day, list the queue, resolve items.
+    #[command(subcommand)]
+    Reconcile(recon_cli::ReconcileCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -303,6 +307,8 @@ enum BenchCommand {
     Posp(bench::PospArgs),
     /// A commerce gateway's outbox backlog drained into the centre over TCP.
     Gateway(bench::GatewayArgs),
+    /// Reconciliation of a bank file against a day of top-ups.
+    Reconcile(recon_cli::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -622,6 +628,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Operator(cmd) => operator_cli::run(&config, cmd).await?,
+        Command::Reconcile(cmd) => {
+            recon_cli::run(&app(&config, open(&config, false).await?), cmd).await?
+        }
+        Command::Bench(BenchCommand::Reconcile(args)) => recon_cli::bench(args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
