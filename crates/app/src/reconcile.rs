@@ -1169,13 +1169,18 @@ async fn run_in_tx(
         for s in chunk {
             let text = serial_text(*s);
             let n = values.len();
-            terms.push(format!("(batch = ${} AND stan = ${})", n + 1, n + 2));
+            // Each term whole, so that each is one seek in the unique (bank, batch, trace) index.
+            terms.push(format!(
+                "(bank_id = $1 AND batch = ${} AND stan = ${})",
+                n + 1,
+                n + 2
+            ));
             values.push(text[..6].to_owned().into());
             values.push(text[6..].to_owned().into());
         }
         let sql = format!(
             "SELECT id, batch || stan, amount_fen, state, bank_reference, settle_date \
-             FROM bank_topups WHERE bank_id = $1 AND ({})",
+             FROM bank_topups WHERE {}",
             terms.join(" OR ")
         );
         for row in tx.query(&sql, &values).await? {
@@ -1194,14 +1199,14 @@ async fn run_in_tx(
             );
         }
     }
-    // The day's top-ups another day's file named: judged there, not here.
+    // Top-ups another day's file named: judged there, not here. (Items are few: this reads
+    // them from the runs' side rather than probing for each of the day's top-ups.)
     let elsewhere: HashSet<i64> = tx
         .query(
-            "SELECT i.topup_id FROM reconciliation_items i \
-             JOIN reconciliation_runs r ON r.id = i.run_id \
-             JOIN bank_topups t ON t.id = i.topup_id \
-             WHERE t.bank_id = $1 AND t.settle_date = $2 AND r.bank_id = $1 \
-             AND r.settle_date <> $2 AND i.file_line IS NOT NULL",
+            "SELECT i.topup_id FROM reconciliation_runs r \
+             JOIN reconciliation_items i ON i.run_id = r.id \
+             WHERE r.bank_id = $1 AND r.settle_date <> $2 AND i.file_line IS NOT NULL \
+             AND i.topup_id IS NOT NULL",
             params![bank, date],
         )
         .await?
