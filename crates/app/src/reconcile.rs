@@ -368,7 +368,7 @@ pub fn parse_file(
         }
         hasher.update(&buf);
         if let Some(p) = progress
-            && n % PROGRESS_EVERY_LINES == 0
+            && n.is_multiple_of(PROGRESS_EVERY_LINES)
         {
             p.store(n, Ordering::Relaxed);
         }
@@ -1091,6 +1091,11 @@ fn parse_serial(s: &str, topup: i64) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("top-up {topup} has the campus serial {s:?}, not 12 digits"))
 }
 
+/// An item's key in its run: the serial and the occurrence.
+type ItemKey = (String, i64);
+/// What the bank's file said of an item: amount and status (none: no line).
+type BankSide = (Option<i64>, Option<i64>);
+
 async fn run_in_tx(
     tx: &mut Tx<'_>,
     actor: &Actor,
@@ -1218,8 +1223,8 @@ async fn run_in_tx(
     drop(campus);
 
     // Replace the open and noted items; keep the resolved ones and what they fixed.
-    let mut resolved: HashMap<(String, i64), Vec<(Option<i64>, Option<i64>)>> = HashMap::new();
-    let mut live: HashMap<(String, i64), (i64, NewItem)> = HashMap::new();
+    let mut resolved: HashMap<ItemKey, Vec<BankSide>> = HashMap::new();
+    let mut live: HashMap<ItemKey, (i64, NewItem)> = HashMap::new();
     for row in tx
         .query(
             &format!(

@@ -264,7 +264,6 @@ conformance! {
         let t10 = campus.topup(10, "000010", "20261102", CREDITED, 1_000).await;
         // T5's reversal was never acknowledged: an operator was to decide.
         {
-            let t5 = t5;
             app.store()
                 .transaction(move |tx| {
                     Box::pin(async move {
@@ -280,7 +279,6 @@ conformance! {
                 .await
                 .unwrap();
         }
-        // Holder 4 spent the loaded money: the online account cannot give it back.
         let h9 = campus.holders[9].online_account.get();
         let h11 = campus.holders[11].online_account.get();
         let dir = tempfile::tempdir().unwrap();
@@ -364,7 +362,7 @@ conformance! {
             (id("000008", 1), Action::WriteOff, Some("x"), "nothing_to_resolve"),
             (id("000010", 1), Action::Credit, None, "nothing_to_resolve"),
         ];
-        // Holder 4's money went to the card: the online account holds nothing.
+        // Holder 4 spent the money: the online account cannot give it back.
         assert_eq!(campus.online(4).await, 400);
         let shop = app.create_account(AccountKind::MerchantPayable, Some("merchant:shop")).await.unwrap();
         let spend = Transfer {
