@@ -676,7 +676,6 @@ struct Campus {
     id: i64,
     amount_fen: i64,
     state: i64,
-    reference: Option<String>,
     /// Its settlement date, when it is not the file's.
     other_date: Option<String>,
     /// Lines of the file naming it so far, and the first one.
@@ -841,12 +840,6 @@ fn classify(
             }
             continue;
         };
-        let other = c
-            .other_date
-            .as_ref()
-            .map(|d| format!(" (the campus filed it under settlement date {d})"))
-            .unwrap_or_default();
-        let what = format!("top-up {} is {}{other}", c.id, state::name(c.state));
         let campus_side = |item: &mut NewItem| {
             item.topup_id = Some(c.id);
             item.campus_amount_fen = Some(c.amount_fen);
@@ -860,10 +853,19 @@ fn classify(
             (false, _) => Class::Matched,
         };
         counts.add(class);
+        if class == Class::Matched && c.other_date.is_none() {
+            continue;
+        }
+        // Only differences and notes get this far: most lines are plain matches.
+        let other = c
+            .other_date
+            .as_ref()
+            .map(|d| format!(" (the campus filed it under settlement date {d})"))
+            .unwrap_or_default();
+        let what = format!("top-up {} is {}{other}", c.id, state::name(c.state));
         let (difference_fen, note, item_state) = match class {
             // A match is kept only when the campus filed it under another date, so that date's
             // run knows the bank has it.
-            Class::Matched if c.other_date.is_none() => continue,
             Class::Matched => (0, format!("matched: {what}"), ItemState::Noted),
             Class::AmountMismatch => (
                 l.amount_fen - c.amount_fen,
@@ -936,7 +938,7 @@ fn classify(
             serial: *serial,
             occurrence: 1,
             topup_id: Some(c.id),
-            bank_reference: c.reference.clone(),
+            bank_reference: None,
             bank_amount_fen: None,
             bank_status: None,
             bank_account: None,
@@ -1130,34 +1132,48 @@ async fn run_in_tx(
         .int(0)?;
 
     // The day's top-ups, in one statement.
-    let mut campus: HashMap<u64, Campus> = HashMap::new();
-    let mut campus_count = 0i64;
-    let mut campus_total_fen = 0i64;
-    for row in tx
+    let rows = tx
         .query(
-            "SELECT id, batch || stan, amount_fen, state, bank_reference FROM bank_topups \
+            "SELECT id, batch || stan, amount_fen, state FROM bank_topups \
              WHERE bank_id = $1 AND settle_date = $2",
             params![bank, date],
         )
-        .await?
-    {
-        let id = row.int(0)?;
-        let c = Campus {
-            id,
-            amount_fen: row.int(2)?,
-            state: row.int(3)?,
-            reference: row.opt_text(4)?,
-            other_date: None,
-            seen: 0,
-            first_line: 0,
+        .await?;
+    let mut campus: HashMap<u64, Campus> =
+        HashMap::with_capacity(rows.len() + file.lines.len() / 64);
+    let mut campus_count = 0i64;
+    let mut campus_total_fen = 0i64;
+    for row in rows {
+        let store::Row(values) = row;
+        let [
+            Value::Int(id),
+            Value::Text(serial),
+            Value::Int(amount_fen),
+            Value::Int(state),
+        ] = <[Value; 4]>::try_from(values)
+            .map_err(|v| anyhow::anyhow!("unexpected top-up row {v:?}"))?
+        else {
+            return Err(AppError::Unexpected(anyhow::anyhow!(
+                "a top-up row of {bank} {date} has an unexpected shape"
+            )));
         };
-        if side(c.state) == Side::Credited {
+        if side(state) == Side::Credited {
             campus_count += 1;
             campus_total_fen = campus_total_fen
-                .checked_add(c.amount_fen)
+                .checked_add(amount_fen)
                 .ok_or_else(|| anyhow::anyhow!("the day's credited total overflows"))?;
         }
-        campus.insert(parse_serial(&row.text(1)?, id)?, c);
+        campus.insert(
+            parse_serial(&serial, id)?,
+            Campus {
+                id,
+                amount_fen,
+                state,
+                other_date: None,
+                seen: 0,
+                first_line: 0,
+            },
+        );
     }
     // Serials of the file that are not the day's: top-ups of other days, or none.
     let mut missing: Vec<u64> = file
@@ -1184,7 +1200,7 @@ async fn run_in_tx(
             values.push(text[6..].to_owned().into());
         }
         let sql = format!(
-            "SELECT id, batch || stan, amount_fen, state, bank_reference, settle_date \
+            "SELECT id, batch || stan, amount_fen, state, settle_date \
              FROM bank_topups WHERE {}",
             terms.join(" OR ")
         );
@@ -1196,8 +1212,7 @@ async fn run_in_tx(
                     id,
                     amount_fen: row.int(2)?,
                     state: row.int(3)?,
-                    reference: row.opt_text(4)?,
-                    other_date: Some(row.text(5)?),
+                    other_date: Some(row.text(4)?),
                     seen: 0,
                     first_line: 0,
                 },
@@ -1219,7 +1234,34 @@ async fn run_in_tx(
         .map(|r| r.int(0))
         .collect::<anyhow::Result<_>>()?;
 
-    let Matching { counts, items } = classify(file, &mut campus, &elsewhere);
+    let Matching { counts, mut items } = classify(file, &mut campus, &elsewhere);
+    // Items of top-ups the file does not list show the campus's reference: read for them only.
+    let wanted: Vec<i64> = items
+        .iter()
+        .filter(|i| i.bank_reference.is_none())
+        .filter_map(|i| i.topup_id)
+        .collect();
+    let mut references: HashMap<i64, String> = HashMap::new();
+    for chunk in wanted.chunks(SERIALS_PER_QUERY_MAX) {
+        let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let values: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        for r in tx
+            .query(
+                &format!(
+                    "SELECT id, bank_reference FROM bank_topups WHERE id IN ({}) \
+                     AND bank_reference IS NOT NULL",
+                    list.join(", ")
+                ),
+                &values,
+            )
+            .await?
+        {
+            references.insert(r.int(0)?, r.text(1)?);
+        }
+    }
+    for item in items.iter_mut().filter(|i| i.bank_reference.is_none()) {
+        item.bank_reference = item.topup_id.and_then(|id| references.get(&id).cloned());
+    }
     drop(campus);
 
     // Replace the open and noted items; keep the resolved ones and what they fixed.

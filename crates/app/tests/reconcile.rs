@@ -328,6 +328,11 @@ conformance! {
         assert_eq!(map[&("000001".into(), 2)].topup_id, Some(t1), "the duplicate names T1");
         assert_eq!(class("000003", 1), Class::CampusOnly);
         assert_eq!(map[&("000003".into(), 1)].file_line, None);
+        assert_eq!(
+            map[&("000003".into(), 1)].bank_reference.as_deref(),
+            Some("RRN000003"),
+            "the campus's reference when the file has no line"
+        );
         assert_eq!(class("000004", 1), Class::CampusOnly);
         assert_eq!(map[&("000004".into(), 1)].bank_status, Some(1));
         assert_eq!(map[&("000004".into(), 1)].difference_fen, -400);
