@@ -506,6 +506,8 @@ conformance! {
         let items = all_items(&app, DAY).await;
         let audit_before = audit_rows(&app).await;
         let good = file_text(DAY, &[("R1", "000001", 100, "OK", 1)]);
+        let e = reconcile::reconcile(&app, &auditor(), BANK, DAY, dir.path()).await.unwrap_err();
+        assert!(matches!(e, AppError::Forbidden(_)), "running a day needs bank.resolve: {e}");
         let cases = [
             (good.replace("H|01040000|20261103|1|100", "H|01040000|20261103|2|100"), 1, "header counts 2"),
             (good.replace("T|1|100", "T|1|150"), 3, "150"),
