@@ -22,6 +22,7 @@ use store::{Tx, params};
 use crate::access::{Actor, Permission};
 use crate::audit;
 use crate::cards;
+use crate::csv_input;
 use crate::error::{AppError, AppResult};
 use crate::{App, code, system_account};
 
@@ -553,79 +554,12 @@ const OPTIONAL_COLUMNS: [&str; 2] = ["id_number", "phone"];
 /// errors with their line numbers. A file that is not CSV at all (no header, not UTF-8) is
 /// refused as a whole.
 fn parse_csv(bytes: &[u8], report: &mut ImportReport) -> AppResult<Vec<ParsedRow>> {
-    if bytes.len() > IMPORT_BYTES_MAX {
-        return Err(AppError::invalid(
-            "import_too_large",
-            format!(
-                "the file has {} bytes; at most {IMPORT_BYTES_MAX}",
-                bytes.len()
-            ),
-        ));
-    }
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        AppError::invalid(
-            "import_not_utf8",
-            format!(
-                "the file is not UTF-8: invalid byte at offset {}",
-                e.valid_up_to()
-            ),
-        )
-    })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(text.as_bytes());
-    let header = reader
-        .headers()
-        .map_err(|e| AppError::invalid("import_bad_header", format!("line 1: {e}")))?
-        .clone();
-    let mut index = HashMap::new();
-    for (i, h) in header.iter().enumerate() {
-        let h = h.to_ascii_lowercase();
-        if !REQUIRED_COLUMNS.contains(&h.as_str()) && !OPTIONAL_COLUMNS.contains(&h.as_str()) {
-            return Err(AppError::invalid(
-                "import_bad_header",
-                format!(
-                    "line 1: unknown column {h:?}; the columns are {} (required) and {} \
-                     (optional)",
-                    REQUIRED_COLUMNS.join(", "),
-                    OPTIONAL_COLUMNS.join(", ")
-                ),
-            ));
-        }
-        if index.insert(h.clone(), i).is_some() {
-            return Err(AppError::invalid(
-                "import_bad_header",
-                format!("line 1: column {h:?} appears twice"),
-            ));
-        }
-    }
-    if let Some(missing) = REQUIRED_COLUMNS.iter().find(|c| !index.contains_key(**c)) {
-        return Err(AppError::invalid(
-            "import_bad_header",
-            format!("line 1: the header has no {missing:?} column"),
-        ));
-    }
+    let text = csv_input::decode(bytes, IMPORT_BYTES_MAX)?;
+    let mut reader = csv_input::reader(text);
+    let (index, columns) = csv_input::columns(&mut reader, &REQUIRED_COLUMNS, &OPTIONAL_COLUMNS)?;
     let mut rows = Vec::new();
     let mut seen: HashMap<String, u64> = HashMap::new();
-    // Lines counted from byte offsets: the reader's own line count skips blank lines.
-    let (mut counted_to, mut line_at) = (0usize, 1u64);
-    let mut line_of = |byte: u64| {
-        let mut byte = (byte as usize).min(text.len());
-        // A record's position is where the reader resumed: skip the blank lines it passed.
-        while byte < text.len() && matches!(text.as_bytes()[byte], b'\n' | b'\r') {
-            byte += 1;
-        }
-        if byte >= counted_to {
-            line_at += text.as_bytes()[counted_to..byte]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count() as u64;
-            counted_to = byte;
-        }
-        line_at
-    };
+    let mut lines = csv_input::Lines::new(text);
     for record in reader.records() {
         report.rows += 1;
         if report.rows > IMPORT_ROWS_MAX {
@@ -637,7 +571,7 @@ fn parse_csv(bytes: &[u8], report: &mut ImportReport) -> AppResult<Vec<ParsedRow
         let record = match record {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map_or(0, |p| line_of(p.byte()));
+                let line = e.position().map_or(0, |p| lines.of(p.byte()));
                 report.errors.push(RowError {
                     line,
                     number: None,
@@ -646,7 +580,7 @@ fn parse_csv(bytes: &[u8], report: &mut ImportReport) -> AppResult<Vec<ParsedRow
                 continue;
             }
         };
-        let line = record.position().map_or(0, |p| line_of(p.byte()));
+        let line = record.position().map_or(0, |p| lines.of(p.byte()));
         if record.iter().all(str::is_empty) {
             report.rows -= 1; // a blank line is not a row
             continue;
@@ -660,9 +594,9 @@ fn parse_csv(bytes: &[u8], report: &mut ImportReport) -> AppResult<Vec<ParsedRow
                 message,
             });
         };
-        if record.len() != header.len() {
+        if record.len() != columns {
             fail(
-                format!("{} fields; the header has {}", record.len(), header.len()),
+                format!("{} fields; the header has {columns}", record.len()),
                 report,
             );
             continue;

@@ -4,10 +4,13 @@
 //! This crate owns the clock: the ledger and the store are given the time, never read it.
 
 pub mod access;
+pub mod alarms;
 pub mod audit;
 pub mod authorise;
+pub mod bindings;
 pub mod cardholders;
 pub mod cards;
+mod csv_input;
 pub mod demo;
 pub mod error;
 pub mod ingest;
@@ -18,6 +21,7 @@ pub mod reconcile;
 pub mod security;
 pub mod stock;
 pub mod terminals;
+pub mod topup;
 
 pub use access::{Actor, Permission, Role};
 pub use error::{AppError, AppResult};
@@ -330,6 +334,11 @@ pub(crate) async fn named_account(
         kind.name()
     );
     AccountId::new(row.int(0)?).ok_or_else(|| anyhow::anyhow!("account {name:?} has an invalid id"))
+}
+
+/// An account id read from the database.
+pub(crate) fn account_id(id: i64) -> anyhow::Result<AccountId> {
+    AccountId::new(id).ok_or_else(|| anyhow::anyhow!("account id {id} is invalid"))
 }
 
 /// A single transfer for a use case.

@@ -9,7 +9,8 @@
 //! once, by the file that names it, and is not reported missing again on its own day.
 //!
 //! **Classes.** Campus side: *credited* = states credited, loading, loaded, returned; *no
-//! money* = refused, reversed; *undecided* (未决) = requested, approved, reversing, manual.
+//! money* = refused, reversed, queued (not sent); *undecided* (未决) = requested, approved,
+//! reversing, manual.
 //!
 //! | bank line | campus | class |
 //! |---|---|---|
@@ -79,7 +80,7 @@ const ITEMS_PER_INSERT_MAX: usize = 200;
 const PROGRESS_EVERY_LINES: u64 = 4_096;
 
 /// The alarm raised while a day's file is missing.
-pub const ALARM_FILE_MISSING: &str = "reconciliation_file_missing";
+pub const ALARM_FILE_MISSING: &str = crate::alarms::RECONCILIATION_FILE_MISSING;
 /// The system account write-offs post to or from.
 pub const SUSPENSE_ACCOUNT: &str = "suspense";
 
@@ -95,6 +96,7 @@ mod state {
     pub const REVERSING: i64 = 7;
     pub const REVERSED: i64 = 8;
     pub const MANUAL: i64 = 9;
+    pub const QUEUED: i64 = 10;
 
     pub fn name(s: i64) -> &'static str {
         match s {
@@ -108,6 +110,7 @@ mod state {
             REVERSING => "reversing",
             REVERSED => "reversed",
             MANUAL => "manual",
+            QUEUED => "queued",
             _ => "unknown",
         }
     }
@@ -124,7 +127,8 @@ enum Side {
 fn side(s: i64) -> Side {
     match s {
         state::CREDITED | state::LOADING | state::LOADED | state::RETURNED => Side::Credited,
-        state::REFUSED | state::REVERSED => Side::NoMoney,
+        // Queued: not sent yet, so the bank knows nothing of it.
+        state::REFUSED | state::REVERSED | state::QUEUED => Side::NoMoney,
         _ => Side::Undecided,
     }
 }
@@ -583,9 +587,9 @@ fn parse_detail(fields: &[&str], settle_date: &str) -> Result<(u64, i64, LineSta
             shorten(terminal)
         ));
     }
-    if pan.len() < 12 || pan.len() > 19 || !pan.bytes().all(|b| b.is_ascii_digit() || b == b'*') {
+    if pan.is_empty() || pan.len() > 19 || !pan.bytes().all(|b| b.is_ascii_digit() || b == b'*') {
         return Err(format!(
-            "card number {:?} must be 12 to 19 digits or *",
+            "card number {:?} must be 1 to 19 digits or *",
             shorten(pan)
         ));
     }
@@ -1076,12 +1080,7 @@ async fn raise_alarm(app: &App, subject: &str, message: &str) -> AppResult<()> {
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO alarms (kind, subject, message, raised_at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT DO NOTHING",
-                    params![ALARM_FILE_MISSING, subject, message, now],
-                )
-                .await?;
+                crate::alarms::raise(tx, ALARM_FILE_MISSING, &subject, &message, now).await?;
                 Ok::<_, AppError>(())
             })
         })
@@ -1352,11 +1351,7 @@ async fn run_in_tx(
         ],
     )
     .await?;
-    tx.execute(
-        "UPDATE alarms SET cleared_at = $3 WHERE kind = $1 AND subject = $2 AND cleared_at IS NULL",
-        params![ALARM_FILE_MISSING, alarm_subject, now_ms],
-    )
-    .await?;
+    crate::alarms::clear(tx, ALARM_FILE_MISSING, alarm_subject, now_ms).await?;
     let run = run_summary(tx, run_id).await?;
     audit::append(
         tx,
@@ -1982,6 +1977,13 @@ async fn resolve_in_tx(
                     "UPDATE bank_reversals SET state = 3, updated_at = $2 \
                      WHERE topup_id = $1 AND state IN (0, 1, 4)",
                     params![id, now.0],
+                )
+                .await?;
+                crate::alarms::clear(
+                    tx,
+                    crate::alarms::BANK_REVERSAL_UNRESOLVED,
+                    &format!("topup:{id}"),
+                    now.0,
                 )
                 .await?;
             }

@@ -255,6 +255,28 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
 
     /// Kinds, versions and check values: never keys.
     fn list(&self) -> Vec<KeyInfo>;
+
+    /// PIN translation: a PIN block a terminal encrypted under its session's PIN key, for the
+    /// bank card `pan`, re-encrypted under the bank's PIN key (field 52 towards the bank). The
+    /// clear block exists only inside this call and is zeroised; a block that is not a valid
+    /// ISO 9564 format-0 block for that card is refused (the kiosk used another key or card).
+    fn translate_pin(
+        &self,
+        from: &TerminalSession,
+        to: &BankSession,
+        pan: &str,
+        block: [u8; 8],
+    ) -> anyhow::Result<[u8; 8]> {
+        let pik = from
+            .pik
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this terminal session has no PIN key"))?;
+        let clear = card::crypto::PinBlock::decrypt(pik, block);
+        if clear.pin(pan).is_err() {
+            anyhow::bail!("the PIN block is not a format-0 block for this card");
+        }
+        Ok(to.encrypt_pin_block(&clear))
+    }
 }
 
 /// A bank link's working keys for one day, inside the module's process: the MAC key for
@@ -262,6 +284,9 @@ pub trait SecurityModule: Send + Sync + fmt::Debug {
 pub struct BankSession {
     pik: Tdes2Key,
     mac: TerminalSession,
+    /// The double-length MAC key, when the bank sent one (spec 7.4: all 16 bytes of the MAK
+    /// slot), for X9.19.
+    mac_double: Option<Tdes2Key>,
 }
 
 impl fmt::Debug for BankSession {
@@ -271,9 +296,19 @@ impl fmt::Debug for BankSession {
 }
 
 impl BankSession {
-    /// The MAC of `data` with the day's MAC key.
+    /// The MAC of `data` with the day's MAC key, by the bank profile's algorithm. X9.19 needs
+    /// the double-length key the bank sends for it.
     pub fn mac(&self, algorithm: iso8583::MacAlgorithm, data: &[u8]) -> anyhow::Result<[u8; 8]> {
-        self.mac.mac(algorithm, data)
+        match (algorithm, &self.mac_double) {
+            (iso8583::MacAlgorithm::X9_19, Some(k)) => Ok(card::crypto::x9_19_mac(k, [0; 8], data)),
+            (iso8583::MacAlgorithm::X9_19, None) => anyhow::bail!(
+                "X9.19 needs a double-length MAC key; the bank sent a single-length one"
+            ),
+            (_, Some(_)) => {
+                anyhow::bail!("the bank sent a double-length MAC key; its profile must name X9.19")
+            }
+            _ => self.mac.mac(algorithm, data),
+        }
     }
 
     /// A clear ISO 9564 format-0 PIN block encrypted under the bank's PIN key (field 52).
@@ -285,10 +320,13 @@ impl BankSession {
     }
 }
 
-/// A signed-in terminal's working MAC key, inside the module's process. A hardware module
-/// would keep the key and hand out a reference; the front end only ever asks for MACs.
+/// A signed-in terminal's working keys, inside the module's process: its MAC key and, for a
+/// terminal that signed in at the centre, its PIN key (a kiosk's PIN blocks come under it). A
+/// hardware module would keep the keys and hand out a reference; the front end only ever asks
+/// for MACs and PIN translations.
 pub struct TerminalSession {
     mak: DesKey,
+    pik: Option<Tdes2Key>,
 }
 
 impl fmt::Debug for TerminalSession {
@@ -301,7 +339,7 @@ impl TerminalSession {
     /// A session with a MAC key received from the centre (a commerce gateway's copy of the
     /// key of a terminal behind it).
     pub fn from_key(mak: DesKey) -> TerminalSession {
-        TerminalSession { mak }
+        TerminalSession { mak, pik: None }
     }
 
     /// The MAC of `data` with the session's MAK, by the algorithm the profile names.
@@ -660,7 +698,13 @@ impl SecurityModule for SoftwareSecurityModule {
         f62.extend_from_slice(&tmk.wrap_des_key(&mak));
         f62.extend_from_slice(&[0u8; 8]);
         f62.extend_from_slice(&mak.check_value());
-        Ok((f62, TerminalSession { mak }))
+        Ok((
+            f62,
+            TerminalSession {
+                mak,
+                pik: Some(pik),
+            },
+        ))
     }
 
     fn delegate_session(
@@ -713,14 +757,29 @@ impl SecurityModule for SoftwareSecurityModule {
             pik.check_value()[..] == f62[16..20],
             "the bank's PIN key does not match its check value"
         );
-        let mak = bmk.unwrap_des_key(f62[20..28].try_into().expect("8 bytes"));
-        anyhow::ensure!(
-            mak.check_value()[..] == f62[36..40],
-            "the bank's MAC key does not match its check value"
-        );
+        // Spec 7.4: a single-length MAK fills the first 8 bytes of its slot and zeros follow;
+        // a double-length one (X9.19) fills all 16.
+        let double = f62[28..36] != [0u8; 8];
+        let (mak, mac_double) = if double {
+            let k = bmk.unwrap_tdes_key(f62[20..36].try_into().expect("16 bytes"));
+            anyhow::ensure!(
+                k.check_value()[..] == f62[36..40],
+                "the bank's MAC key does not match its check value"
+            );
+            let left = DesKey::from_slice(&k.expose_bytes()[..8]).expect("8 bytes");
+            (left, Some(k))
+        } else {
+            let mak = bmk.unwrap_des_key(f62[20..28].try_into().expect("8 bytes"));
+            anyhow::ensure!(
+                mak.check_value()[..] == f62[36..40],
+                "the bank's MAC key does not match its check value"
+            );
+            (mak, None)
+        };
         Ok(BankSession {
             pik,
-            mac: TerminalSession { mak },
+            mac: TerminalSession { mak, pik: None },
+            mac_double,
         })
     }
 

@@ -50,6 +50,7 @@ const REFUSED: i64 = 6;
 const REVERSING: i64 = 7;
 const REVERSED: i64 = 8;
 const MANUAL: i64 = 9;
+const QUEUED: i64 = 10;
 
 /// The campus side of a test: cardholders and their bank top-ups.
 struct Campus {
@@ -260,6 +261,8 @@ conformance! {
         let _t6 = campus.topup(6, "000006", DAY, REVERSED, 600).await;
         let _t7 = campus.topup(7, "000007", DAY, REFUSED, 700).await;
         let t8 = campus.topup(8, "000008", DAY, REVERSING, 800).await;
+        // Queued: never sent, so the bank cannot have it.
+        campus.topup(9, "000009", DAY, QUEUED, 900).await;
         // Filed by the campus under the day before, listed by the bank today.
         let t10 = campus.topup(10, "000010", "20261102", CREDITED, 1_000).await;
         // T5's reversal was never acknowledged: an operator was to decide.
@@ -271,6 +274,14 @@ conformance! {
                             "INSERT INTO bank_reversals (topup_id, state, reason, next_at, \
                              created_at, updated_at) VALUES ($1, 4, '98', 0, 0, 0)",
                             params![t5],
+                        )
+                        .await?;
+                        app::alarms::raise(
+                            tx,
+                            app::alarms::BANK_REVERSAL_UNRESOLVED,
+                            &format!("topup:{t5}"),
+                            "not acknowledged",
+                            0,
                         )
                         .await?;
                         anyhow::Ok(())
@@ -301,9 +312,9 @@ conformance! {
 
         let out = reconcile::reconcile(&app, &finance(), BANK, "2026-11-03", dir.path()).await.unwrap();
         let c = out.run.counts;
-        // Matched: T1, T6 (reversed both), T7 (refused, absent), T10 (other day), 000097
-        // (reversed, unknown).
-        assert_eq!(c.matched, 5, "{c:?}");
+        // Matched: T1, T6 (reversed both), T7 (refused, absent), T9 (queued, absent), T10
+        // (other day), 000097 (reversed, unknown).
+        assert_eq!(c.matched, 6, "{c:?}");
         assert_eq!(c.bank_only, 4, "T5, 000096, 000098, 000099: {c:?}");
         assert_eq!(c.campus_only, 2, "T3 absent, T4 reversed at the bank: {c:?}");
         assert_eq!(c.amount_mismatch, 1, "{c:?}");
@@ -430,6 +441,15 @@ conformance! {
             .unwrap()
             .unwrap();
         assert_eq!(reversal.int(0).unwrap(), 3, "the reversal is disarmed");
+        let open_alarms = app
+            .store()
+            .query(
+                "SELECT id FROM alarms WHERE subject = $1 AND cleared_at IS NULL",
+                params![format!("topup:{t5}")],
+            )
+            .await
+            .unwrap();
+        assert!(open_alarms.is_empty(), "the manual top-up's alarm is cleared");
 
         resolve(&app, id("000099", 1), Action::Credit, None).await.unwrap();
         assert_eq!(campus.online(9).await, 990, "credited to the account the line names");
@@ -463,7 +483,7 @@ conformance! {
         assert_eq!(again.items_added, 0, "{again:?}");
         assert_eq!(again.items_removed, 0, "{again:?}");
         assert_eq!(again.already_resolved, 5, "T2, T4, 000098, 000099, duplicate: {again:?}");
-        assert_eq!(again.run.counts.matched, 7, "T3 and T5 match now: {:?}", again.run.counts);
+        assert_eq!(again.run.counts.matched, 8, "T3 and T5 match now: {:?}", again.run.counts);
         assert_eq!(again.run.open_items, 1, "only 000096 is left");
         assert_eq!(again.run.resolved_items, 7);
         assert_eq!(again.run.counts.bank_only, 3, "000096, 000098, 000099 (T5 now matches)");

@@ -26,6 +26,9 @@ use iso8583::{MacCheck, Message, Profile, frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod service;
+pub use service::{BankSettings, Banks};
+
 /// Hours a bank sign-in's working keys serve before the link must sign in again.
 pub const SESSION_HOURS_MAX: u64 = 24;
 
@@ -84,6 +87,27 @@ impl BankCode {
     }
 }
 
+/// Why a request to the bank failed, and whether it may have reached the bank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkError {
+    /// It never left (no connection, not signed in, a request that does not encode).
+    NotSent(String),
+    /// It was sent (or may have been) and no usable answer came: the outcome is unknown.
+    NoAnswer(String),
+    /// The answer's MAC is wrong: the outcome is unknown.
+    BadMac(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::NotSent(m) | LinkError::NoAnswer(m) | LinkError::BadMac(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
+
 /// A transfer request from a bank card to the campus.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TransferRequest {
@@ -92,8 +116,9 @@ pub struct TransferRequest {
     /// The trace (F11, 6 digits) and batch (F60.2) that identify it for its reversal.
     pub stan: String,
     pub batch: String,
-    /// F52: the PIN block under the bank's PIN key.
-    pub pin_block: [u8; 8],
+    /// F52: the PIN block under the bank's PIN key; `None` for a transfer under the
+    /// cardholder's standing authorisation (F22 `012`, automatic and batch top-ups).
+    pub pin_block: Option<[u8; 8]>,
     /// The campus account credited (F48), for the bank's records.
     pub campus_account: String,
 }
@@ -101,12 +126,8 @@ pub struct TransferRequest {
 impl std::fmt::Debug for TransferRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The card number masked, the PIN block never shown.
-        let masked = match self.pan.len() {
-            n if n > 10 => format!("{}******{}", &self.pan[..6], &self.pan[n - 4..]),
-            _ => "****".into(),
-        };
         f.debug_struct("TransferRequest")
-            .field("pan", &masked)
+            .field("pan", &app::bindings::mask_pan(&self.pan))
             .field("amount_fen", &self.amount_fen)
             .field("stan", &self.stan)
             .field("batch", &self.batch)
@@ -124,6 +145,8 @@ pub struct BankAnswer {
     /// F38 and F37 when the bank sent them.
     pub auth_code: Option<String>,
     pub reference: Option<String>,
+    /// F15 (`MMDD`): the bank's settlement date.
+    pub settle_date: Option<String>,
 }
 
 /// One bank's link settings.
@@ -145,7 +168,7 @@ pub struct BankLink {
     module: Arc<dyn SecurityModule>,
     stream: TcpStream,
     buf: Vec<u8>,
-    session: Option<BankSession>,
+    session: Option<Arc<BankSession>>,
     /// When the session was made: it serves for [`SESSION_HOURS_MAX`] hours at most (banks
     /// want a sign-in every day).
     signed_in_at: Option<std::time::Instant>,
@@ -193,6 +216,29 @@ impl BankLink {
         })
     }
 
+    /// Speaks this bank's own dialect (its profile names the MAC algorithm too).
+    pub fn with_profile(mut self, profile: Profile) -> BankLink {
+        self.profile = profile;
+        self
+    }
+
+    /// The working keys this link signed in with, to share with the bank's other connections.
+    pub fn session(&self) -> Option<(Arc<BankSession>, std::time::Instant)> {
+        Some((self.session.clone()?, self.signed_in_at?))
+    }
+
+    /// Uses working keys another connection to the same bank signed in with.
+    pub fn use_session(&mut self, session: Arc<BankSession>, at: std::time::Instant, batch: &str) {
+        self.session = Some(session);
+        self.signed_in_at = Some(at);
+        batch.clone_into(&mut self.batch);
+    }
+
+    /// Whether a request timed out on this connection (it is not used again).
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
     /// Whether the link holds working keys younger than [`SESSION_HOURS_MAX`] hours.
     pub fn is_signed_in(&self) -> bool {
         self.session.is_some()
@@ -233,7 +279,7 @@ impl BankLink {
             &self.config.bank_id,
             answer.get(62).unwrap_or_default(),
         )?;
-        self.session = Some(session);
+        self.session = Some(Arc::new(session));
         self.signed_in_at = Some(std::time::Instant::now());
         if let Some(b) = answer.text(60).and_then(|t| t.get(2..8)) {
             self.batch = b.to_owned();
@@ -270,24 +316,27 @@ impl BankLink {
     }
 
     /// A transfer from a bank card to the campus (0200). Its answer's MAC must verify.
-    pub async fn transfer(&mut self, t: &TransferRequest) -> anyhow::Result<BankAnswer> {
-        anyhow::ensure!(
-            (1..=999_999_999_999).contains(&t.amount_fen),
-            "a transfer of {} fen: the amount must be 1 fen or more",
-            t.amount_fen
-        );
+    pub async fn transfer(&mut self, t: &TransferRequest) -> Result<BankAnswer, LinkError> {
+        if !(1..=999_999_999_999).contains(&t.amount_fen) {
+            return Err(LinkError::NotSent(format!(
+                "a transfer of {} fen: the amount must be 1 fen or more",
+                t.amount_fen
+            )));
+        }
         let m = self
             .base("0200", &t.stan)
             .with(2, t.pan.clone())
             .with(3, "400000")
             .with(4, format!("{:012}", t.amount_fen))
-            .with(22, "021")
+            .with(22, if t.pin_block.is_some() { "021" } else { "012" })
             .with(25, "00")
             .with(48, t.campus_account.clone())
             .with(49, "156")
-            .with(52, t.pin_block.to_vec())
-            .with(53, "2600000000000000")
             .with(60, format!("40{}", t.batch));
+        let m = match t.pin_block {
+            Some(block) => m.with(52, block.to_vec()).with(53, "2600000000000000"),
+            None => m,
+        };
         let (answer, maced) = self.exchange_checked(&m, true).await?;
         Ok(Self::answer(&answer, maced))
     }
@@ -298,7 +347,7 @@ impl BankLink {
         &mut self,
         original: &TransferRequest,
         reason: &str,
-    ) -> anyhow::Result<BankAnswer> {
+    ) -> Result<BankAnswer, LinkError> {
         let m = self
             .base("0400", &original.stan)
             .with(2, original.pan.clone())
@@ -327,6 +376,7 @@ impl BankLink {
             f39,
             auth_code: m.text(38).map(str::to_owned),
             reference: m.text(37).map(str::to_owned),
+            settle_date: m.text(15).map(str::to_owned),
         }
     }
 
@@ -338,84 +388,106 @@ impl BankLink {
     /// whose MTI, trace (F11) and, when sent, PAN and amount answer this request (others are
     /// stale answers to earlier requests and are dropped). Returns it and whether it carried a
     /// good MAC; a wrong MAC is an error. After a timeout the connection is not used again:
-    /// the late answer may still come.
+    /// the late answer may still come. The error says whether the request may have reached
+    /// the bank.
     async fn exchange_checked(
         &mut self,
         m: &Message,
         maced: bool,
-    ) -> anyhow::Result<(Message, bool)> {
-        anyhow::ensure!(
-            !self.broken,
-            "bank {}: a request timed out on this connection; connect again",
-            self.config.bank_id
-        );
+    ) -> Result<(Message, bool), LinkError> {
+        let bank = self.config.bank_id.clone();
+        if self.broken {
+            return Err(LinkError::NotSent(format!(
+                "bank {bank}: a request timed out on this connection; connect again"
+            )));
+        }
         let body = if maced {
-            anyhow::ensure!(
-                self.is_signed_in(),
-                "the bank link is not signed in (or its keys are older than {SESSION_HOURS_MAX} h): sign in"
-            );
-            let s = self
-                .session
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("the bank link is not signed in"))?;
+            if !self.is_signed_in() {
+                return Err(LinkError::NotSent(format!(
+                    "the link to bank {bank} is not signed in (or its keys are older than \
+                     {SESSION_HOURS_MAX} h): sign in"
+                )));
+            }
+            let Some(s) = self.session.as_ref() else {
+                return Err(LinkError::NotSent(format!("bank {bank}: not signed in")));
+            };
+            if let Some(alg) = self.profile.mac_algorithm
+                && let Err(e) = s.mac(alg, &[])
+            {
+                return Err(LinkError::NotSent(format!("bank {bank}: {e}")));
+            }
             iso8583::encode_with_mac(&self.profile, m, |alg, mab| {
                 s.mac(alg, mab).unwrap_or([0; 8])
             })
         } else {
             iso8583::encode(&self.profile, m)
         }
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| LinkError::NotSent(format!("bank {bank}: {e}")))?;
         let out = frame::build(
             &self.profile,
             Some([0x60, 0, 1, 0, 0]),
             &posp::HEADER,
             &body,
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| LinkError::NotSent(format!("bank {bank}: {e}")))?;
         let timeout = Duration::from_millis(self.config.timeout_ms);
-        if tokio::time::timeout(timeout, self.stream.write_all(&out))
-            .await
-            .is_err()
-        {
-            self.broken = true;
-            anyhow::bail!(
-                "bank {}: no room to send within {timeout:?}",
-                self.config.bank_id
-            );
+        match tokio::time::timeout(timeout, self.stream.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.broken = true;
+                return Err(LinkError::NoAnswer(format!("bank {bank}: sending: {e}")));
+            }
+            Err(_) => {
+                self.broken = true;
+                return Err(LinkError::NoAnswer(format!(
+                    "bank {bank}: no room to send within {timeout:?}"
+                )));
+            }
         }
         let wanted = posp::reply_mti(m.mti_str());
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let Ok(bytes) = tokio::time::timeout_at(deadline, self.receive()).await else {
-                self.broken = true;
-                anyhow::bail!("bank {}: no answer within {timeout:?}", self.config.bank_id);
+            let bytes = match tokio::time::timeout_at(deadline, self.receive()).await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    self.broken = true;
+                    return Err(LinkError::NoAnswer(format!("bank {bank}: {e}")));
+                }
+                Err(_) => {
+                    self.broken = true;
+                    return Err(LinkError::NoAnswer(format!(
+                        "bank {bank}: no answer within {timeout:?}"
+                    )));
+                }
             };
-            let bytes = bytes?;
             let (answer, check) = match &self.session {
                 Some(s) if maced => iso8583::decode_verified(&self.profile, &bytes, |alg, mab| {
                     s.mac(alg, mab).unwrap_or([0; 8])
                 }),
                 _ => iso8583::decode(&self.profile, &bytes).map(|a| (a, MacCheck::Absent)),
             }
-            .map_err(|e| anyhow::anyhow!("bank {}: {e}", self.config.bank_id))?;
+            .map_err(|e| {
+                self.broken = true;
+                LinkError::NoAnswer(format!("bank {bank}: an answer that does not decode: {e}"))
+            })?;
             let answers_this = answer.mti_str() == wanted
                 && [11, 2, 4]
                     .iter()
                     .all(|&f| m.get(f).is_none() || answer.get(f) == m.get(f));
             if !answers_this {
                 tracing::warn!(
-                    bank = %self.config.bank_id,
+                    bank = %bank,
                     mti = answer.mti_str(),
                     trace = answer.text(11).unwrap_or(""),
                     "an answer to another request (late or repeated) was dropped"
                 );
                 continue;
             }
-            anyhow::ensure!(
-                check != MacCheck::Invalid,
-                "bank {}: the answer's MAC is wrong",
-                self.config.bank_id
-            );
+            if check == MacCheck::Invalid {
+                return Err(LinkError::BadMac(format!(
+                    "bank {bank}: the answer's MAC is wrong"
+                )));
+            }
             return Ok((answer, check == MacCheck::Valid));
         }
     }

@@ -82,7 +82,7 @@ conformance! {
 
         let request = |stan: &str, amount: i64, pin: &str, link: &BankLink| TransferRequest {
             pan: PAN.into(), amount_fen: amount, stan: stan.into(), batch: link.batch().into(),
-            pin_block: link.encrypt_pin_block(&block(pin)).unwrap(), campus_account: "1001".into(),
+            pin_block: Some(link.encrypt_pin_block(&block(pin)).unwrap()), campus_account: "1001".into(),
         };
         let t1 = request("000010", 20_000, "246810", &link);
         let a = link.transfer(&t1).await.unwrap();

@@ -1173,3 +1173,213 @@ impl BenchDb {
         Ok(())
     }
 }
+
+#[derive(Args, Debug)]
+pub struct TopUpArgs {
+    /// Which store backends to measure.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BackendChoice,
+    /// Top-ups in all.
+    #[arg(long, default_value_t = 5_000)]
+    topups: usize,
+    /// Kiosks topping up at once (each its own card and bank card).
+    #[arg(long, default_value_t = 32)]
+    kiosks: usize,
+    /// Connections from the campus to the bank.
+    #[arg(long, default_value_t = 8)]
+    bank_connections: usize,
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// PostgreSQL server for a scratch database (as for `bench ledger`).
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+}
+
+/// `onecard bench topup`: kiosks top up their cards end to end, each top-up the whole flow
+/// over TCP: the kiosk's 0200 to the front end, the bank link's transfer to the bank
+/// simulator (PIN translated in the security module), the credit, the pending-load inquiry,
+/// INITIALIZE FOR LOAD on the software card, the MAC2 under a hold, CREDIT FOR LOAD and the
+/// TAC confirmation. Timed from the first request to the last confirmation; afterwards every
+/// card must hold what it was loaded, the bank must have debited the same, and db-check must
+/// pass.
+pub async fn topup(args: TopUpArgs) -> anyhow::Result<()> {
+    use app::security::{Kek, KeyKind, SecurityModule, SoftwareSecurityModule};
+    use std::sync::Arc;
+    const BANK: &str = "01040000";
+    const AMOUNT: u32 = 100;
+    anyhow::ensure!(
+        args.runs >= 1 && args.kiosks >= 1 && args.topups >= args.kiosks,
+        "--runs and --kiosks must be at least 1, and --topups at least --kiosks"
+    );
+    if cfg!(debug_assertions) {
+        println!("warning: this is a debug build; figures are meaningless (use --release)");
+    }
+    println!(
+        "onecard bench topup: {} kiosk top-ups of {} fen by {} kiosks, {} bank connections",
+        args.topups, AMOUNT, args.kiosks, args.bank_connections
+    );
+    println!(
+        "{:<10} {:>12} {:>10} {:>10}   runs",
+        "backend", "top-ups/s", "p50 ms", "p99 ms"
+    );
+    for backend in backends(args.backend) {
+        let mut per_s = Vec::new();
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        for run in 0..args.runs {
+            let db =
+                BenchDb::open(backend == "postgres", &args.pg_url, &format!("_t{run}")).await?;
+            let store = db.store.clone();
+            let app = app::App::new(store.clone(), Arc::new(app::SystemClock));
+            let kek = Kek::from_hex(&Kek::generate_hex()?, "bench")?;
+            SoftwareSecurityModule::ceremony(
+                &store,
+                &kek,
+                card::crypto::PurseAlgorithm::Tdes,
+                now(),
+            )
+            .await?;
+            let module: Arc<dyn SecurityModule> =
+                Arc::new(SoftwareSecurityModule::open(&store, &kek).await?);
+            let population =
+                sim::kiosk::setup(&app, module.as_ref(), BANK, args.kiosks, args.kiosks, 9_001)
+                    .await?;
+            let version = module
+                .current_version(KeyKind::BankMaster)
+                .expect("ceremony made it");
+            let bank = sim::bank::BankSim::new(
+                module.bank_master(version, BANK)?,
+                population
+                    .cards
+                    .iter()
+                    .map(|(_, _, pan)| sim::bank::BankAccount {
+                        pan: pan.clone(),
+                        pin: "123456".into(),
+                        balance_fen: i64::from(AMOUNT) * args.topups as i64,
+                    })
+                    .collect(),
+            );
+            let (stop_bank, bank_stopped) = tokio::sync::oneshot::channel::<()>();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let bank_addr = listener.local_addr()?.to_string();
+            let served = bank.clone();
+            tokio::spawn(async move {
+                posp::serve_frames(
+                    listener,
+                    async {
+                        let _ = bank_stopped.await;
+                    },
+                    &posp::PospConfig::default(),
+                    served,
+                )
+                .await
+            });
+            let banks = banklink::Banks::new(
+                app.clone(),
+                module.clone(),
+                vec![banklink::BankSettings {
+                    link: banklink::BankConfig {
+                        bank_id: BANK.into(),
+                        address: bank_addr,
+                        terminal_id: "CAMPUS01".into(),
+                        merchant_id: "104110000000001".into(),
+                        timeout_ms: 5_000,
+                    },
+                    connections: args.bank_connections,
+                    profile: iso8583::Profile::cups_pos(),
+                    sign_off_at: None,
+                }],
+            );
+            let topups = app::topup::TopUps::new(
+                app.clone(),
+                Arc::new(banks),
+                app::topup::TopUpPolicy::default(),
+            );
+            let front = posp::Posp::new(app.clone(), module.clone(), posp::PospConfig::default())
+                .with_topups(topups);
+            let (stop_front, front_stopped) = tokio::sync::oneshot::channel::<()>();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let front_addr = listener.local_addr()?.to_string();
+            tokio::spawn(front.serve(listener, async {
+                let _ = front_stopped.await;
+            }));
+            let mut kiosks = Vec::new();
+            for (number, psam, tmk) in &population.kiosks {
+                kiosks.push(sim::kiosk::Kiosk::sign_in(&front_addr, number, psam, tmk).await?);
+            }
+            let per_kiosk = args.topups / args.kiosks;
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for (k, (mut kiosk, (_, mut card, pan))) in
+                kiosks.into_iter().zip(population.cards).enumerate()
+            {
+                tasks.spawn(async move {
+                    let mut rng = card::random::SeededRandom::new(k as u64 + 1);
+                    let mut latencies = Vec::with_capacity(per_kiosk);
+                    for _ in 0..per_kiosk {
+                        let out = kiosk
+                            .top_up(&mut card, &mut rng, &pan, "123456", AMOUNT)
+                            .await?;
+                        anyhow::ensure!(
+                            out.code == "00" && out.loads.len() == 1 && out.loads[0].1 == "00",
+                            "a top-up failed: {out:?}"
+                        );
+                        latencies.push(out.latency);
+                    }
+                    anyhow::ensure!(
+                        card.balance_fen() == AMOUNT * per_kiosk as u32,
+                        "card {k} holds {} fen, not {}",
+                        card.balance_fen(),
+                        AMOUNT * per_kiosk as u32
+                    );
+                    Ok::<_, anyhow::Error>((pan, latencies))
+                });
+            }
+            let mut latencies = Vec::new();
+            let mut pans = Vec::new();
+            while let Some(r) = tasks.join_next().await {
+                let (pan, l) = r??;
+                latencies.extend(l);
+                pans.push(pan);
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let done = latencies.len();
+            for pan in &pans {
+                let left = bank.balance(pan).unwrap_or(0);
+                let debited = i64::from(AMOUNT) * args.topups as i64 - left;
+                anyhow::ensure!(
+                    debited == i64::from(AMOUNT) * per_kiosk as i64,
+                    "bank card {pan}: debited {debited} fen"
+                );
+            }
+            let report = app.check().await?;
+            anyhow::ensure!(report.is_ok(), "db-check failed after the run: {report:?}");
+            latencies.sort();
+            let pct = |p: f64| {
+                latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)]
+                    .as_secs_f64()
+                    * 1000.0
+            };
+            per_s.push(done as f64 / secs);
+            p50.push(pct(0.5));
+            p99.push(pct(0.99));
+            let _ = stop_front.send(());
+            let _ = stop_bank.send(());
+            drop(store);
+            db.finish().await?;
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let runs: Vec<String> = per_s.iter().map(|v| format!("{v:.0}")).collect();
+        println!(
+            "{backend:<10} {:>12.0} {:>10.2} {:>10.2}   {}",
+            median(&mut per_s.clone()),
+            median(&mut p50),
+            median(&mut p99),
+            runs.join(" · ")
+        );
+    }
+    Ok(())
+}

@@ -41,8 +41,51 @@ struct FileConfig {
     http: Option<HttpFile>,
     posp: Option<PospFile>,
     cards: Option<CardsFile>,
+    topup: Option<TopUpFile>,
+    /// `[[bank]]`: one table per bank the campus tops up from.
+    #[serde(default)]
+    bank: Vec<BankFile>,
     /// The campus's time zone, minutes east of UTC (480 for China).
     utc_offset_minutes: Option<i32>,
+}
+
+/// `[topup]`: bank top-up limits and times.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUpFile {
+    amount_fen_max: Option<i64>,
+    /// Hours credited money waits to be written to the card before it is returned.
+    pending_load_hours: Option<u32>,
+    /// Tries of a reversal before it goes to the manual queue.
+    reversal_attempts: Option<i64>,
+}
+
+/// `[[bank]]`: one bank's link.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BankFile {
+    /// The bank's institution code.
+    id: String,
+    /// The bank front end's `host:port`.
+    address: String,
+    /// onecard's terminal id (F41, 8 characters) and merchant id (F42, 15) at the bank.
+    terminal_id: String,
+    merchant_id: String,
+    timeout_ms: Option<u64>,
+    connections: Option<usize>,
+    /// The bank's own ISO 8583 profile (TOML); the CUPS POS dialect when absent.
+    profile: Option<PathBuf>,
+    /// `HH:MM`, local time: the daily sign-off.
+    sign_off_at: Option<String>,
+    /// Where the bank's reconciliation files arrive.
+    reconciliation_dir: Option<PathBuf>,
+}
+
+/// A configured bank.
+#[derive(Debug, Clone)]
+pub struct Bank {
+    pub settings: banklink::BankSettings,
+    pub reconciliation_dir: Option<PathBuf>,
 }
 
 /// `[cards]`: the card desk's policy.
@@ -92,6 +135,9 @@ pub struct Config {
     /// The terminal front end's limits (`[posp]`).
     pub authorisation: app::authorise::AuthorisationPolicy,
     pub ingest: app::ingest::IngestPolicy,
+    /// Bank top-up (`[topup]`) and the banks (`[[bank]]`).
+    pub topup: app::topup::TopUpPolicy,
+    pub banks: Vec<Bank>,
 }
 
 /// Values given on the command line, which win over everything else.
@@ -227,7 +273,89 @@ impl Config {
                 card_policy.purse_wait_ms = i64::from(v) * 86_400_000;
             }
         }
+        let mut topup = app::topup::TopUpPolicy::default();
+        if let Some(t) = file.topup {
+            if let Some(v) = t.amount_fen_max {
+                topup.amount_fen_max = money("amount_fen_max", v).map_err(|e| {
+                    anyhow::anyhow!("{}", e.to_string().replace("[posp]", "[topup]"))
+                })?;
+            }
+            if let Some(v) = t.pending_load_hours {
+                anyhow::ensure!(
+                    (1..=24 * 366).contains(&v),
+                    "[topup] pending_load_hours = {v} must be 1 to 8784"
+                );
+                topup.pending_load_ms = i64::from(v) * 3_600_000;
+            }
+            if let Some(v) = t.reversal_attempts {
+                anyhow::ensure!(
+                    (1..=100).contains(&v),
+                    "[topup] reversal_attempts = {v} must be 1 to 100"
+                );
+                topup.reversal_attempts_max = v;
+            }
+        }
+        let mut banks = Vec::new();
+        for (i, b) in file.bank.into_iter().enumerate() {
+            let at = format!("[[bank]] number {} (id {:?})", i + 1, b.id);
+            anyhow::ensure!(
+                (1..=11).contains(&b.id.len()) && b.id.bytes().all(|c| c.is_ascii_digit()),
+                "{at}: id must be the bank's institution code, 1 to 11 digits"
+            );
+            anyhow::ensure!(
+                !banks.iter().any(|x: &Bank| x.settings.link.bank_id == b.id),
+                "{at}: bank {} is configured twice",
+                b.id
+            );
+            anyhow::ensure!(
+                b.terminal_id.len() == 8 && b.merchant_id.len() == 15,
+                "{at}: terminal_id must be 8 characters and merchant_id 15"
+            );
+            if let Some(t) = &b.sign_off_at {
+                let ok = t.len() == 5
+                    && t.as_bytes()[2] == b':'
+                    && t[..2].parse::<u8>().is_ok_and(|h| h < 24)
+                    && t[3..].parse::<u8>().is_ok_and(|m| m < 60);
+                anyhow::ensure!(ok, "{at}: sign_off_at = {t:?} must be HH:MM");
+            }
+            let timeout_ms = b.timeout_ms.unwrap_or(5_000);
+            anyhow::ensure!(
+                (100..=60_000).contains(&timeout_ms),
+                "{at}: timeout_ms = {timeout_ms} must be 100 to 60000"
+            );
+            let connections = b.connections.unwrap_or(4);
+            anyhow::ensure!(
+                (1..=64).contains(&connections),
+                "{at}: connections = {connections} must be 1 to 64"
+            );
+            let profile = match &b.profile {
+                None => iso8583::Profile::cups_pos(),
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("{at}: reading the profile {}", p.display()))?;
+                    iso8583::Profile::from_toml(&text)
+                        .map_err(|e| anyhow::anyhow!("{at}: the profile {}: {e}", p.display()))?
+                }
+            };
+            banks.push(Bank {
+                settings: banklink::BankSettings {
+                    link: banklink::BankConfig {
+                        bank_id: b.id,
+                        address: b.address,
+                        terminal_id: b.terminal_id,
+                        merchant_id: b.merchant_id,
+                        timeout_ms,
+                    },
+                    connections,
+                    profile,
+                    sign_off_at: b.sign_off_at,
+                },
+                reconciliation_dir: b.reconciliation_dir,
+            });
+        }
         Ok(Config {
+            topup,
+            banks,
             data_dir,
             database_url,
             http_listen,

@@ -1,11 +1,13 @@
 //! The `onecard` binary: command line, configuration and wiring. Every command is a thin
 //! adapter over `app`; nothing here decides a business rule.
 
+mod bank_cli;
 mod bench;
 mod config;
 mod desk_cli;
 mod operator_cli;
 mod recon_cli;
+mod topup_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +22,10 @@ use ledger::{AccountId, AccountKind, AccountStatus, Fen, Transfer, TransferId, T
 use store::{DatabaseUrl, Store, StoreOptions};
 
 /// How often `serve` releases expired holds.
+/// How often the top-up worker runs (queued top-ups, reversals, deadlines, rules).
+const TOPUP_WORK_INTERVAL_MS: u64 = 500;
+/// Queued top-ups the worker sends at once.
+const TOPUP_SENDS_AT_ONCE: usize = 8;
 const HOLD_SWEEP_INTERVAL_MS: u64 = 1_000;
 /// How often `serve` moves the purse balance of replaced and cancelled cards past their
 /// waiting period to the online account.
@@ -115,6 +121,14 @@ enum Command {
     /// quarantined offline records; a card's purse anomalies.
     #[command(subcommand)]
     Terminal(desk_cli::TerminalCommand),
+    /// Bank top-ups (圈存): their states, the reversal manual queue, batch transfer files,
+    /// automatic top-up rules.
+    #[command(subcommand, name = "topup")]
+    TopUp(topup_cli::TopUpCommand),
+    /// Alarms: bank reversals nobody acknowledged, loads that could not be posted, missing
+    /// reconciliation files.
+    #[command(subcommand)]
+    Alarm(topup_cli::AlarmCommand),
     /// Measure performance; prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -124,6 +138,10 @@ enum Command {
     /// Reconciliation with the banks' files: run a day, list the queue, resolve items.
     #[command(subcommand)]
     Reconcile(recon_cli::ReconcileCommand),
+    /// Bank card bindings and the files exchanged with a bank: account opening, card
+    /// production, batch cancellation.
+    #[command(subcommand)]
+    Bank(bank_cli::BankCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -309,6 +327,10 @@ enum BenchCommand {
     Gateway(bench::GatewayArgs),
     /// Reconciliation of a bank file against a day of top-ups.
     Reconcile(recon_cli::BenchArgs),
+    /// Kiosk bank top-ups end to end over TCP against the bank simulator (transfer, credit,
+    /// MAC2, card write, TAC).
+    #[command(name = "topup")]
+    TopUp(bench::TopUpArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -330,12 +352,33 @@ struct SimBankArgs {
     /// The bank's institution code (the bank master key is diversified by it).
     #[arg(long, default_value = "01040000")]
     bank_id: String,
-    /// Accounts to open: PANs 6222020200000000001 and up, PIN 123456.
+    /// Accounts to open: PANs 62220202 then the account number in 10 digits then a Luhn
+    /// check digit (6222020200000000014 is the first), PIN 123456.
     #[arg(long, default_value_t = 10)]
     accounts: u32,
     /// Each account's balance in fen.
     #[arg(long, default_value_t = 1_000_000)]
     balance: i64,
+    /// A fault on transfers: wrong-mac, no-mac, no-answer, late:MS, drop, duplicate,
+    /// decline:CODE (the first three after the bank did the work).
+    #[arg(long, value_parser = sim::bank::BankFault::parse)]
+    fault: Option<sim::bank::BankFault>,
+    /// Apply --fault to this many transfers only (then answer normally).
+    #[arg(long)]
+    fault_times: Option<u32>,
+    /// A fault on reversals, as for --fault.
+    #[arg(long, value_parser = sim::bank::BankFault::parse)]
+    reversal_fault: Option<sim::bank::BankFault>,
+    /// Apply --reversal-fault to this many reversals only.
+    #[arg(long)]
+    reversal_fault_times: Option<u32>,
+    /// Write the day's reconciliation file (BANK<id><YYYYMMDD>.txt) here at each sign-off
+    /// and when stopped.
+    #[arg(long)]
+    reconciliation_dir: Option<std::path::PathBuf>,
+    /// The settlement date of the transfers (YYYYMMDD); today (UTC) by default.
+    #[arg(long)]
+    settle_date: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -579,6 +622,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await?,
         Command::Bench(BenchCommand::Posp(args)) => bench::posp(args).await?,
         Command::Bench(BenchCommand::Gateway(args)) => bench::gateway(args).await?,
+        Command::Bench(BenchCommand::TopUp(args)) => bench::topup(args).await?,
         Command::Keys(cmd) => keys(&config, cmd).await?,
         Command::Card(cmd) => card_command(&config, cmd).await?,
         Command::Cardholder(cmd) => {
@@ -592,6 +636,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Blacklist { since, json } => {
             desk_cli::blacklist(&app(&config, open(&config, false).await?), since, json).await?
+        }
+        Command::TopUp(cmd) => {
+            let app = app(&config, open(&config, false).await?);
+            topup_cli::topup_command(&app, &config.topup, cmd).await?
+        }
+        Command::Alarm(cmd) => {
+            topup_cli::alarm_command(&app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
         Command::Sim(SimCommand::Bank(args)) => sim_bank(&config, args).await?,
@@ -629,9 +680,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Operator(cmd) => operator_cli::run(&config, cmd).await?,
         Command::Reconcile(cmd) => {
-            recon_cli::run(&app(&config, open(&config, false).await?), cmd).await?
+            recon_cli::run(&config, &app(&config, open(&config, false).await?), cmd).await?
         }
         Command::Bench(BenchCommand::Reconcile(args)) => recon_cli::bench(args).await?,
+        Command::Bank(cmd) => {
+            if !bank_cli::run(&app(&config, open(&config, false).await?), cmd).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -706,17 +762,67 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
             }
         }
     });
+    let module: Option<Arc<dyn app::security::SecurityModule>> =
+        if config.posp_listen.is_some() || !config.banks.is_empty() {
+            let kek = load_kek(config)
+                .context("the terminal front end and the bank links need the KEK")?;
+            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
+            Some(Arc::new(module))
+        } else {
+            None
+        };
+    // Bank top-up: the links, and the worker that sends queued top-ups, retries reversals,
+    // returns expired pending loads, applies automatic rules and signs off daily.
+    let topups = match &module {
+        Some(module) if !config.banks.is_empty() => {
+            let banks = banklink::Banks::new(
+                app.clone(),
+                module.clone(),
+                config.banks.iter().map(|b| b.settings.clone()).collect(),
+            );
+            for b in &config.banks {
+                println!(
+                    "bank link {} to {}{}",
+                    b.settings.link.bank_id,
+                    b.settings.link.address,
+                    b.reconciliation_dir
+                        .as_ref()
+                        .map(|d| format!(", reconciliation files in {}", d.display()))
+                        .unwrap_or_default()
+                );
+            }
+            let topups =
+                app::topup::TopUps::new(app.clone(), Arc::new(banks.clone()), config.topup);
+            let worker = topups.clone();
+            let task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(TOPUP_WORK_INTERVAL_MS));
+                loop {
+                    tick.tick().await;
+                    match worker.work(TOPUP_SENDS_AT_ONCE).await {
+                        Ok(r) if r == app::topup::ReversalRound::default() => {}
+                        Ok(r) => tracing::info!(?r, "bank reversals"),
+                        Err(e) => {
+                            tracing::warn!(error = ?e, "the top-up worker failed; will retry")
+                        }
+                    }
+                    banks.sign_off_due().await;
+                }
+            });
+            Some((topups, task))
+        }
+        _ => None,
+    };
     let posp = match config.posp_listen {
         None => None,
         Some(at) => {
-            let kek = load_kek(config).context("the terminal front end needs the KEK")?;
-            let module = app::security::SoftwareSecurityModule::open(app.store(), &kek).await?;
-            let module: Arc<dyn app::security::SecurityModule> = Arc::new(module);
+            let module = module
+                .clone()
+                .context("the terminal front end needs the KEK")?;
             let listener = tokio::net::TcpListener::bind(at)
                 .await
                 .with_context(|| format!("listening for terminals on {at}"))?;
             println!("terminal front end on {}", listener.local_addr()?);
-            let front = posp::Posp::new(
+            let mut front = posp::Posp::new(
                 app.clone(),
                 module,
                 posp::PospConfig {
@@ -725,6 +831,9 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
                     ..posp::PospConfig::default()
                 },
             );
+            if let Some((t, _)) = &topups {
+                front = front.with_topups(t.clone());
+            }
             Some(tokio::spawn(front.serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
             })))
@@ -736,6 +845,9 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
     let result = web::serve(listener, app, shutdown).await;
     if let Some(p) = posp {
         p.abort();
+    }
+    if let Some((_, task)) = topups {
+        task.abort();
     }
     sweep.abort();
     settle.abort();
@@ -1285,9 +1397,22 @@ async fn sim_bank(config: &Config, args: SimBankArgs) -> anyhow::Result<()> {
         .current_version(app::security::KeyKind::BankMaster)
         .context("no bank master key: run `onecard keys ceremony`")?;
     let bmk = module.bank_master(version, &args.bank_id)?;
+    if let Some(d) = &args.settle_date {
+        anyhow::ensure!(
+            d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()),
+            "--settle-date {d:?} must be YYYYMMDD"
+        );
+    }
+    if let Some(dir) = &args.reconciliation_dir {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--reconciliation-dir {} is not a directory",
+            dir.display()
+        );
+    }
     let accounts: Vec<sim::bank::BankAccount> = (1..=u64::from(args.accounts))
         .map(|i| sim::bank::BankAccount {
-            pan: format!("622202020{i:010}"),
+            pan: sim::bank::pan(i),
             pin: "123456".into(),
             balance_fen: args.balance,
         })
@@ -1304,16 +1429,37 @@ async fn sim_bank(config: &Config, args: SimBankArgs) -> anyhow::Result<()> {
         accounts[accounts.len() - 1].pan,
         args.balance
     );
-    let bank = sim::bank::BankSim::new(bmk, accounts);
+    let mut bank = sim::bank::BankSim::new(bmk, accounts);
+    if let Some(dir) = args.reconciliation_dir {
+        bank = bank.with_reconciliation_dir(&args.bank_id, dir);
+    }
+    if let Some(d) = &args.settle_date {
+        bank.set_settle_date(d);
+    }
+    match (args.fault, args.fault_times) {
+        (Some(f), Some(n)) => bank.set_fault_times(f, n),
+        (Some(f), None) => bank.set_fault(Some(f)),
+        (None, Some(_)) => anyhow::bail!("--fault-times needs --fault"),
+        (None, None) => {}
+    }
+    match (args.reversal_fault, args.reversal_fault_times) {
+        (Some(f), Some(n)) => bank.set_reversal_fault_times(f, n),
+        (f, None) => bank.set_reversal_fault(f),
+        (None, Some(_)) => anyhow::bail!("--reversal-fault-times needs --reversal-fault"),
+    }
     posp::serve_frames(
         listener,
         async {
             let _ = tokio::signal::ctrl_c().await;
         },
         &posp::PospConfig::default(),
-        bank,
+        bank.clone(),
     )
-    .await
+    .await?;
+    if let Some(path) = bank.write_reconciliation_file()? {
+        println!("reconciliation file {}", path.display());
+    }
+    Ok(())
 }
 
 async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::Result<()> {

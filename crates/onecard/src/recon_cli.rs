@@ -27,9 +27,10 @@ pub enum ReconcileCommand {
         /// The settlement date, YYYY-MM-DD or YYYYMMDD.
         #[arg(long)]
         date: String,
-        /// The folder the bank's files arrive in.
+        /// The folder the bank's files arrive in (default: the bank's `reconciliation_dir`
+        /// in the configuration).
         #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -109,7 +110,11 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     }
 }
 
-pub async fn run(app: &App, cmd: ReconcileCommand) -> anyhow::Result<()> {
+pub async fn run(
+    config: &crate::config::Config,
+    app: &App,
+    cmd: ReconcileCommand,
+) -> anyhow::Result<()> {
     let cli = Actor::cli();
     match cmd {
         ReconcileCommand::Run {
@@ -118,6 +123,20 @@ pub async fn run(app: &App, cmd: ReconcileCommand) -> anyhow::Result<()> {
             dir,
             json,
         } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => config
+                    .banks
+                    .iter()
+                    .find(|b| b.settings.link.bank_id == bank)
+                    .and_then(|b| b.reconciliation_dir.clone())
+                    .with_context(|| {
+                        format!(
+                            "no --dir given and bank {bank} has no reconciliation_dir in the \
+                             configuration"
+                        )
+                    })?,
+            };
             // The day's file, if it is there, sizes the bar; a missing one is the use case's
             // error (and alarm).
             let name = reconcile::parse_settle_date(&date)

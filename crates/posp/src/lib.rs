@@ -76,6 +76,8 @@ pub struct Posp {
     sessions: Arc<Mutex<HashMap<String, DaySession>>>,
     /// Uploaded records on their way to ingest (started on first use).
     ingest_queue: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<IngestJob>>>,
+    /// Bank top-up, when banks are configured (docs/protocol.md section 8).
+    topups: Option<app::topup::TopUps>,
 }
 
 /// Records of one upload waiting for the ingest batch they will be part of.
@@ -164,7 +166,15 @@ impl Posp {
             config,
             sessions: Arc::new(Mutex::new(HashMap::new())),
             ingest_queue: Arc::new(std::sync::OnceLock::new()),
+            topups: None,
         }
+    }
+
+    /// Serves kiosk top-ups and loads through these flows (without them, those messages
+    /// are answered `40`, function not supported).
+    pub fn with_topups(mut self, topups: app::topup::TopUps) -> Posp {
+        self.topups = Some(topups);
+        self
     }
 
     /// Ingests `records` as part of the next batch.
@@ -426,12 +436,27 @@ impl Posp {
                     answer.set(39, "A0");
                     return Ok(Some(Reply::Now(self.encode(&answer)?)));
                 }
+                let kind = terminal.as_ref().map(|t| t.kind);
                 let terminal_no = terminal.map(|t| t.terminal_no).unwrap_or_default();
                 let batch = request
                     .text(60)
                     .and_then(|t| t.get(2..8))
                     .unwrap_or("000000")
                     .to_owned();
+                let f3 = request.text(3).unwrap_or("");
+                match (request.mti_str(), f3) {
+                    ("0200", "400000")
+                    | ("0200", "310000")
+                    | ("0200", "620000")
+                    | ("0220", "620000") => {
+                        let code = self
+                            .kiosk(request, &mut answer, &terminal_no, kind, &session, &batch)
+                            .await?;
+                        answer.set(39, code);
+                        return Ok(Some(Reply::Now(self.encode_maced(&answer, &session)?)));
+                    }
+                    _ => {}
+                }
                 match request.mti_str() {
                     "0320" => {
                         return Ok(Some(self.upload_later(request, answer, session).await?));
@@ -484,6 +509,155 @@ impl Posp {
             _ => {
                 answer.set(39, "12");
                 Ok(Some(Reply::Now(self.encode(&answer)?)))
+            }
+        }
+    }
+
+    /// Kiosk top-up and loading to the card (docs/protocol.md section 8); returns F39.
+    async fn kiosk(
+        &self,
+        request: &Message,
+        answer: &mut Message,
+        terminal_no: &str,
+        kind: Option<app::terminals::TerminalKind>,
+        session: &Arc<TerminalSession>,
+        batch: &str,
+    ) -> anyhow::Result<String> {
+        use app::terminals::TerminalKind;
+        let Some(topups) = &self.topups else {
+            return Ok("40".into());
+        };
+        let f3 = request.text(3).unwrap_or("");
+        let is_kiosk = kind == Some(TerminalKind::Kiosk);
+        if !(is_kiosk || (kind == Some(TerminalKind::Pos) && f3 != "400000")) {
+            return Ok("58".into());
+        }
+        let f48 = request.text(48).unwrap_or("").to_owned();
+        let asn = f48.get(..20).unwrap_or("").to_owned();
+        let code = |e: &app::AppError| kiosk_code(e).to_owned();
+        match (request.mti_str(), f3) {
+            ("0200", "400000") => {
+                let (Some(pan), Some(amount), Some(stan), Some(block), 20) = (
+                    request.text(2),
+                    request.text(4).and_then(|a| a.parse::<i64>().ok()),
+                    request.text(11),
+                    request.get(52).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                    asn.len(),
+                ) else {
+                    return Ok("30".into());
+                };
+                let req = app::topup::TopUpRequest {
+                    origin: format!("kiosk:{terminal_no}:{batch}:{stan}"),
+                    kind: app::topup::Kind::Kiosk,
+                    card_asn: Some(asn),
+                    cardholder_number: None,
+                    pan: Some(pan.to_owned()),
+                    amount_fen: amount,
+                    terminal_no: Some(terminal_no.to_owned()),
+                };
+                match topups.request(req, Some((session.as_ref(), block))).await {
+                    Ok(t) => {
+                        answer.set(37, format!("{:012}", t.id));
+                        if let Some(a) = &t.auth_code {
+                            answer.set(38, a.clone());
+                        }
+                        Ok(t.state.terminal_code(t.bank_code.as_deref()))
+                    }
+                    Err(e) => Ok(code(&e)),
+                }
+            }
+            ("0200", "310000") => {
+                let loads = match app::topup::pending_loads(&self.app, &asn).await {
+                    Ok(l) => l,
+                    Err(e) => return Ok(code(&e)),
+                };
+                let Some(t) = loads.first() else {
+                    return Ok("25".into());
+                };
+                answer.set(37, format!("{:012}", t.id));
+                answer.set(4, format!("{:012}", t.amount_fen));
+                let counter = app::topup::load_counter(&self.app, t.id).await?;
+                answer.set(
+                    48,
+                    format!(
+                        "{asn}{}{:05}{:02}",
+                        u8::from(t.state == app::topup::State::Loading),
+                        counter.unwrap_or(0),
+                        loads.len().min(99)
+                    ),
+                );
+                Ok("00".into())
+            }
+            ("0200", _) => {
+                let (Some(id), Some(amount), Some(at), Some(init)) = (
+                    request.text(37).and_then(|t| t.trim().parse::<i64>().ok()),
+                    request.text(4).and_then(|a| a.parse::<u32>().ok()),
+                    f48.get(20..34),
+                    request
+                        .get(55)
+                        .and_then(|b| card::commands::LoadInitResponse::parse(b).ok()),
+                ) else {
+                    return Ok("30".into());
+                };
+                let (Ok(asn_v), Ok(date_time), Ok(tid)) = (
+                    card::purse::Asn::parse_digits(&asn),
+                    card::purse::TxDateTime::parse_digits(at),
+                    app::terminals::terminal_id(terminal_no),
+                ) else {
+                    return Ok("30".into());
+                };
+                let load = app::security::LoadAuthorisation {
+                    asn: asn_v,
+                    random: init.random,
+                    online_counter: init.online_counter,
+                    old_balance_fen: init.old_balance_fen,
+                    amount_fen: amount,
+                    terminal_id: tid,
+                    date_time,
+                    mac1: init.mac1,
+                };
+                match app::topup::authorise_load(
+                    &self.app,
+                    self.module.clone(),
+                    topups.policy(),
+                    id,
+                    terminal_no,
+                    init.key_version,
+                    load,
+                )
+                .await
+                {
+                    Ok(mac2) => {
+                        answer.set(37, format!("{id:012}"));
+                        answer.set(55, mac2.to_bytes().to_vec());
+                        Ok("00".into())
+                    }
+                    Err(e) => Ok(code(&e)),
+                }
+            }
+            _ => {
+                let (Some(id), Some(balance), Some(tac)) = (
+                    request.text(37).and_then(|t| t.trim().parse::<i64>().ok()),
+                    f48.get(20..30).and_then(|b| b.parse::<u32>().ok()),
+                    request.get(55).and_then(|b| <[u8; 4]>::try_from(b).ok()),
+                ) else {
+                    return Ok("30".into());
+                };
+                match app::topup::confirm_load(
+                    &self.app,
+                    self.module.clone(),
+                    id,
+                    balance,
+                    card::crypto::Mac4::new(tac),
+                )
+                .await
+                {
+                    Ok(_) => {
+                        answer.set(37, format!("{id:012}"));
+                        Ok("00".into())
+                    }
+                    Err(e) => Ok(code(&e)),
+                }
             }
         }
     }
@@ -735,6 +909,8 @@ fn upload_answer(answer: &mut Message, outcome: &[app::ingest::IngestOutcome]) {
 pub enum Reply {
     Now(Vec<u8>),
     Later(tokio::sync::oneshot::Receiver<Vec<u8>>),
+    /// The answer, sent twice (the bank simulator's duplicate-answer fault).
+    Twice(Vec<u8>),
 }
 
 /// Answers a connection may owe at once before it stops reading (pipelined uploads).
@@ -847,8 +1023,13 @@ async fn connection<H: Handler>(
         // Write the answers that are ready, in order.
         out.clear();
         while let Some((tpdu, reply, _)) = owed.front_mut() {
+            let mut copies = 1;
             let body = match reply {
                 Reply::Now(b) => std::mem::take(b),
+                Reply::Twice(b) => {
+                    copies = 2;
+                    std::mem::take(b)
+                }
                 Reply::Later(rx) => match rx.try_recv() {
                     Ok(b) => b,
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
@@ -859,7 +1040,9 @@ async fn connection<H: Handler>(
             };
             let framed = frame::build(&profile, *tpdu, &HEADER, &body)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            out.extend_from_slice(&framed);
+            for _ in 0..copies {
+                out.extend_from_slice(&framed);
+            }
             owed.pop_front();
         }
         if !out.is_empty() {
@@ -879,7 +1062,7 @@ async fn connection<H: Handler>(
         let can_read = !closed && owed.len() < ANSWERS_OWED_MAX;
         let front = owed.front_mut().and_then(|(_, r, deadline)| match r {
             Reply::Later(rx) => Some((rx, *deadline)),
-            Reply::Now(_) => None,
+            Reply::Now(_) | Reply::Twice(_) => None,
         });
         match front {
             Some((rx, deadline)) => {
@@ -917,6 +1100,21 @@ async fn connection<H: Handler>(
                 buf.extend_from_slice(&chunk[..n]);
             }
         }
+    }
+}
+
+/// What a kiosk is told (F39) when a top-up or load use case refuses.
+fn kiosk_code(e: &app::AppError) -> &'static str {
+    match e.code() {
+        "invalid_amount" => "13",
+        "no_bank_binding" | "bank_card_not_bound" => "14",
+        "card_not_active" | "card_not_loadable" => "62",
+        "not_found" => "25",
+        "mac1_wrong" | "tac_wrong" => "05",
+        "insufficient_balance" => "51",
+        "load_unconfirmed" => "94",
+        "topup_state" => "12",
+        _ => "96",
     }
 }
 

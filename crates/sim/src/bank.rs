@@ -1,13 +1,19 @@
-//! The bank simulator (`onecard sim bank`, first slice): a TCP server that speaks the bank's
-//! side of the bank link's profile, so the campus side can be tested with no bank.
+//! The bank simulator (`onecard sim bank`): a TCP server that speaks the bank's side of the
+//! bank link's profile, so the campus side can be tested and run with no bank.
 //!
 //! Accounts (PAN, PIN, balance) live in memory. Sign-in (0800 / `003`) makes a fresh PIN key
 //! and MAC key and sends them under the bank master key with their check values (F62, 40
 //! bytes); echo and sign-off; a transfer (0200) checks the MAC (`A0`), the card (`14`), the
-//! PIN from F52 under the day's PIN key (`55`), a repeated trace (`94`) and the balance
-//! (`51`), then debits; a reversal (0400, F61 = original batch ‖ trace) credits back once
-//! (`00` again for a repeat, `25` for an unknown original). Fault injection and the daily
-//! reconciliation file come with the next slices of the bank issue.
+//! PIN from F52 under the day's PIN key (`55`; a transfer with F22 `012` carries no PIN: the
+//! cardholder's standing authorisation), a repeated trace (`94`) and the balance (`51`), then
+//! debits and answers F15 (the settlement date), F37 and F38; a reversal (0400, F61 = original
+//! batch ‖ trace) credits back once (`00` again for a repeat, `25` for an unknown original).
+//!
+//! Faults ([`BankFault`]), set for transfers and for reversals separately, for the next `n`
+//! messages or until cleared: no answer, a late answer, a dropped connection (each after the
+//! bank did the work: the answer is what is lost), a duplicate answer, a wrong or missing MAC,
+//! and a declined code (nothing moves). [`BankSim::reconciliation_file`] writes the day's file
+//! in the format of docs/bank.md section 3.4.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,19 +33,110 @@ struct Transfer {
     pan: String,
     amount_fen: i64,
     reversed: bool,
+    settle_date: String,
+    reference: String,
+    terminal: String,
+    campus_account: String,
+    at: String,
 }
 
 /// A fault the simulated bank can be told to show on its financial answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BankFault {
     /// Answers MACed with a wrong key.
     WrongMac,
     /// Answers without a MAC.
     NoMac,
+    /// Does the work and sends no answer.
+    NoAnswer,
+    /// Does the work and answers after this many milliseconds.
+    Late(u64),
+    /// Does the work and closes the connection without answering.
+    Drop,
+    /// Does the work and sends its answer twice.
+    Duplicate,
+    /// Refuses with this code (MACed); nothing moves.
+    Decline(String),
+}
+
+impl BankFault {
+    /// Parses `wrong-mac`, `no-mac`, `no-answer`, `late:MS`, `drop`, `duplicate`,
+    /// `decline:CODE`.
+    pub fn parse(s: &str) -> Result<BankFault, String> {
+        Ok(match s.split_once(':') {
+            None => match s {
+                "wrong-mac" => BankFault::WrongMac,
+                "no-mac" => BankFault::NoMac,
+                "no-answer" => BankFault::NoAnswer,
+                "drop" => BankFault::Drop,
+                "duplicate" => BankFault::Duplicate,
+                _ => {
+                    return Err(format!(
+                        "unknown fault {s:?}: one of wrong-mac, no-mac, no-answer, late:MS, drop, duplicate, decline:CODE"
+                    ));
+                }
+            },
+            Some(("late", ms)) => BankFault::Late(
+                ms.parse()
+                    .map_err(|_| format!("late:{ms}: milliseconds must be a whole number"))?,
+            ),
+            Some(("decline", code))
+                if code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                BankFault::Decline(code.to_owned())
+            }
+            _ => return Err(format!("unknown fault {s:?}")),
+        })
+    }
+}
+
+/// A fault and how many more messages it applies to (`None`: until cleared).
+#[derive(Clone, Debug, Default)]
+struct Armed {
+    fault: Option<BankFault>,
+    left: Option<u32>,
+}
+
+impl Armed {
+    /// The fault for this message (and one fewer left).
+    fn take(&mut self) -> Option<BankFault> {
+        let f = self.fault.clone()?;
+        if let Some(n) = self.left.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.fault = None;
+                self.left = None;
+            }
+        }
+        Some(f)
+    }
+}
+
+/// A Luhn-valid simulated bank card number: `62220202` then `i` in 10 digits, then the check
+/// digit (19 digits).
+pub fn pan(i: u64) -> String {
+    let body = format!("62220202{i:010}");
+    let sum: u32 = body
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(k, b)| {
+            let d = u32::from(b - b'0');
+            if k % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
 }
 
 struct State {
-    fault: Option<BankFault>,
+    transfer_fault: Armed,
+    reversal_fault: Armed,
+    settle_date: String,
     accounts: HashMap<String, BankAccount>,
     keys: Option<(Tdes2Key, DesKey)>,
     transfers: HashMap<(String, String), Transfer>,
@@ -50,6 +147,9 @@ struct State {
 /// The simulated bank; clones share its state.
 #[derive(Clone)]
 pub struct BankSim {
+    /// The bank's code and the directory its reconciliation file is written to at each
+    /// sign-off (`onecard sim bank --reconciliation-dir`).
+    files: Option<(String, std::path::PathBuf)>,
     bmk: Arc<Tdes2Key>,
     profile: Arc<Profile>,
     state: Arc<Mutex<State>>,
@@ -65,10 +165,13 @@ impl BankSim {
     /// A bank sharing `bmk` (the bank master key for this campus) with these accounts.
     pub fn new(bmk: Tdes2Key, accounts: Vec<BankAccount>) -> BankSim {
         BankSim {
+            files: None,
             bmk: Arc::new(bmk),
             profile: Arc::new(Profile::cups_pos()),
             state: Arc::new(Mutex::new(State {
-                fault: None,
+                transfer_fault: Armed::default(),
+                reversal_fault: Armed::default(),
+                settle_date: utc_date(),
                 accounts: accounts.into_iter().map(|a| (a.pan.clone(), a)).collect(),
                 keys: None,
                 transfers: HashMap::new(),
@@ -78,9 +181,90 @@ impl BankSim {
         }
     }
 
-    /// Shows `fault` on the financial answers from now on (`None`: none).
+    /// Writes the day's reconciliation file for `bank_id` into `dir` at each sign-off
+    /// (`BANK<bank id><YYYYMMDD>.txt`, replaced whole).
+    pub fn with_reconciliation_dir(mut self, bank_id: &str, dir: std::path::PathBuf) -> BankSim {
+        self.files = Some((bank_id.to_owned(), dir));
+        self
+    }
+
+    /// Writes the reconciliation file of the current settlement date now (when a directory
+    /// was given); returns its path.
+    pub fn write_reconciliation_file(&self) -> anyhow::Result<Option<std::path::PathBuf>> {
+        let Some((bank_id, dir)) = &self.files else {
+            return Ok(None);
+        };
+        let date = self.state.lock().expect("bank state").settle_date.clone();
+        let text = self.reconciliation_file(bank_id, &date);
+        let path = dir.join(format!("BANK{bank_id}{date}.txt"));
+        let tmp = dir.join(format!(".BANK{bank_id}{date}.txt.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(Some(path))
+    }
+
+    /// Shows `fault` on transfers (0200) from now on (`None`: none).
     pub fn set_fault(&self, fault: Option<BankFault>) {
-        self.state.lock().expect("bank state").fault = fault;
+        self.state.lock().expect("bank state").transfer_fault = Armed { fault, left: None };
+    }
+
+    /// Shows `fault` on the next `n` transfers only.
+    pub fn set_fault_times(&self, fault: BankFault, n: u32) {
+        self.state.lock().expect("bank state").transfer_fault = Armed {
+            fault: Some(fault),
+            left: Some(n.max(1)),
+        };
+    }
+
+    /// Shows `fault` on reversals (0400) from now on (`None`: none).
+    pub fn set_reversal_fault(&self, fault: Option<BankFault>) {
+        self.state.lock().expect("bank state").reversal_fault = Armed { fault, left: None };
+    }
+
+    /// Shows `fault` on the next `n` reversals only.
+    pub fn set_reversal_fault_times(&self, fault: BankFault, n: u32) {
+        self.state.lock().expect("bank state").reversal_fault = Armed {
+            fault: Some(fault),
+            left: Some(n.max(1)),
+        };
+    }
+
+    /// The settlement date (`YYYYMMDD`) of the transfers from now on (default: today, UTC).
+    pub fn set_settle_date(&self, date: &str) {
+        date.clone_into(&mut self.state.lock().expect("bank state").settle_date);
+    }
+
+    /// The day's reconciliation file (docs/bank.md section 3.4): one `LOAD` line for each
+    /// transfer the bank approved with that settlement date, `REVERSED` when a reversal undid
+    /// it, in the order of the campus serial.
+    pub fn reconciliation_file(&self, bank_id: &str, date: &str) -> String {
+        let st = self.state.lock().expect("bank state");
+        let mut lines: Vec<(&(String, String), &Transfer)> = st
+            .transfers
+            .iter()
+            .filter(|(_, t)| t.settle_date == date)
+            .collect();
+        lines.sort_by(|a, b| a.0.cmp(b.0));
+        let total: i64 = lines
+            .iter()
+            .filter(|(_, t)| !t.reversed)
+            .map(|(_, t)| t.amount_fen)
+            .sum();
+        let mut out = format!("H|{bank_id}|{date}|{}|{total}\n", lines.len());
+        for ((batch, stan), t) in &lines {
+            let masked = app::bindings::mask_pan(&t.pan);
+            out.push_str(&format!(
+                "D|{date}|{}|{batch}{stan}|{}|{masked}|{}|{}|LOAD|{}|{}\n",
+                t.reference,
+                t.terminal,
+                t.campus_account,
+                t.amount_fen,
+                t.at,
+                if t.reversed { "REVERSED" } else { "OK" }
+            ));
+        }
+        out.push_str(&format!("T|{}|{total}\n", lines.len()));
+        out
     }
 
     /// The balance of an account.
@@ -93,7 +277,7 @@ impl BankSim {
             .map(|a| a.balance_fen)
     }
 
-    fn answer(&self, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+    fn answer(&self, request: &[u8]) -> anyhow::Result<Option<posp::Reply>> {
         let m = iso8583::decode(&self.profile, request).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut a = Message::new(&posp::reply_mti(m.mti_str()));
         for f in [2, 3, 4, 11, 41, 42, 49, 60] {
@@ -101,8 +285,11 @@ impl BankSim {
                 a.set(f, v.to_vec());
             }
         }
-        let plain =
-            |a: &Message| iso8583::encode(&self.profile, a).map_err(|e| anyhow::anyhow!("{e}"));
+        let plain = |a: &Message| {
+            iso8583::encode(&self.profile, a)
+                .map(|b| Some(posp::Reply::Now(b)))
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        };
         let network = m.text(60).and_then(|t| t.get(8..11)).unwrap_or("");
         let mut st = self.state.lock().expect("bank state");
         match (m.mti_str(), network) {
@@ -131,6 +318,10 @@ impl BankSim {
             }
             ("0820", "002") => {
                 st.keys = None;
+                drop(st);
+                if let Err(e) = self.write_reconciliation_file() {
+                    tracing::warn!(error = %e, "writing the reconciliation file");
+                }
                 a.set(39, "00");
                 plain(&a)
             }
@@ -148,32 +339,56 @@ impl BankSim {
                     a.set(39, "A0");
                     return plain(&a);
                 }
-                let code = if m.mti_str() == "0200" {
-                    Self::transfer(&mut st, &m, &pik)
+                let transfer = m.mti_str() == "0200";
+                let fault = if transfer {
+                    st.transfer_fault.take()
                 } else {
-                    Self::reversal(&mut st, &m)
+                    st.reversal_fault.take()
                 };
-                if code == "00" {
+                let code = match &fault {
+                    Some(BankFault::Decline(code)) => code.clone(),
+                    _ if transfer => {
+                        let r = st.next_reference;
+                        Self::transfer(&mut st, &m, &pik, r).to_owned()
+                    }
+                    _ => Self::reversal(&mut st, &m).to_owned(),
+                };
+                if code == "00" && transfer {
                     let r = st.next_reference;
                     st.next_reference += 1;
                     a.set(37, format!("{r:012}"));
                     a.set(38, format!("{:06}", r % 1_000_000));
+                    a.set(15, st.settle_date[4..8].to_owned());
                 }
                 a.set(39, code);
-                match st.fault {
-                    Some(BankFault::NoMac) => plain(&a),
-                    Some(BankFault::WrongMac) => {
-                        let wrong = DesKey::from_bytes([0x5A; 8]);
-                        iso8583::encode_with_mac(&self.profile, &a, |_, mab| {
-                            cups_ecb_mac(&wrong, mab)
-                        })
+                drop(st);
+                let maced = |key: &DesKey| {
+                    iso8583::encode_with_mac(&self.profile, &a, |_, mab| cups_ecb_mac(key, mab))
                         .map_err(|e| anyhow::anyhow!("{e}"))
+                };
+                let body = match fault {
+                    Some(BankFault::NoMac) => {
+                        iso8583::encode(&self.profile, &a).map_err(|e| anyhow::anyhow!("{e}"))?
                     }
-                    None => iso8583::encode_with_mac(&self.profile, &a, |_, mab| {
-                        cups_ecb_mac(&mak, mab)
-                    })
-                    .map_err(|e| anyhow::anyhow!("{e}")),
-                }
+                    Some(BankFault::WrongMac) => maced(&DesKey::from_bytes([0x5A; 8]))?,
+                    _ => maced(&mak)?,
+                };
+                Ok(match fault {
+                    Some(BankFault::NoAnswer) => None,
+                    Some(BankFault::Drop) => {
+                        anyhow::bail!("the simulated bank drops the connection (fault)")
+                    }
+                    Some(BankFault::Duplicate) => Some(posp::Reply::Twice(body)),
+                    Some(BankFault::Late(ms)) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                            let _ = tx.send(body);
+                        });
+                        Some(posp::Reply::Later(rx))
+                    }
+                    _ => Some(posp::Reply::Now(body)),
+                })
             }
             _ => {
                 a.set(39, "12");
@@ -182,7 +397,7 @@ impl BankSim {
         }
     }
 
-    fn transfer(st: &mut State, m: &Message, pik: &Tdes2Key) -> &'static str {
+    fn transfer(st: &mut State, m: &Message, pik: &Tdes2Key, reference: u64) -> &'static str {
         let pan = m.text(2).unwrap_or("").to_owned();
         let amount = m.text(4).and_then(|a| a.parse::<i64>().ok()).unwrap_or(0);
         let key = (
@@ -198,15 +413,18 @@ impl BankSim {
         let Some(account) = st.accounts.get_mut(&pan) else {
             return "14";
         };
-        let Some(block) = m.get(52).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
-            return "55";
-        };
-        let expected = card::crypto::Pin::parse(&account.pin).map(|p| p.to_verify_bcd());
-        let pin_ok = PinBlock::decrypt(pik, block)
-            .pin(&pan)
-            .is_ok_and(|p| expected.as_ref().is_ok_and(|e| *e == p.to_verify_bcd()));
-        if !pin_ok {
-            return "55";
+        // F22 `012`: no PIN, under the cardholder's standing authorisation.
+        if m.text(22) != Some("012") {
+            let Some(block) = m.get(52).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                return "55";
+            };
+            let expected = card::crypto::Pin::parse(&account.pin).map(|p| p.to_verify_bcd());
+            let pin_ok = PinBlock::decrypt(pik, block)
+                .pin(&pan)
+                .is_ok_and(|p| expected.as_ref().is_ok_and(|e| *e == p.to_verify_bcd()));
+            if !pin_ok {
+                return "55";
+            }
         }
         if amount <= 0 {
             return "13";
@@ -221,6 +439,11 @@ impl BankSim {
                 pan,
                 amount_fen: amount,
                 reversed: false,
+                settle_date: st.settle_date.clone(),
+                reference: format!("{reference:012}"),
+                terminal: m.text(41).unwrap_or("").to_owned(),
+                campus_account: m.text(48).unwrap_or("").to_owned(),
+                at: utc_now_digits(),
             },
         );
         "00"
@@ -255,6 +478,20 @@ impl posp::Handler for BankSim {
         _peer: &'a str,
         _connection: &'a mut (),
     ) -> anyhow::Result<Option<posp::Reply>> {
-        Ok(Some(posp::Reply::Now(self.answer(message)?)))
+        self.answer(message)
     }
+}
+
+/// Today's date in UTC, `YYYYMMDD`.
+fn utc_date() -> String {
+    utc_now_digits()[..8].to_owned()
+}
+
+/// Now in UTC, `YYYYMMDDhhmmss`.
+pub(crate) fn utc_now_digits() -> String {
+    crate::tx_time(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    )
 }

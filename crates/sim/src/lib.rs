@@ -13,6 +13,7 @@
 //! quarantined, and the latency of the front end's answers.
 
 pub mod bank;
+pub mod kiosk;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

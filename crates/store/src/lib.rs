@@ -223,6 +223,13 @@ impl Store {
         }
     }
 
+    /// [`Store::query`]'s one row; none is an error.
+    pub async fn query_one(&self, sql: &str, params: &[Value]) -> anyhow::Result<Row> {
+        self.query_opt(sql, params)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no row for: {sql}"))
+    }
+
     /// [`Store::query`]'s first row, if any.
     pub async fn query_opt(&self, sql: &str, params: &[Value]) -> anyhow::Result<Option<Row>> {
         Ok(self.query(sql, params).await?.into_iter().next())

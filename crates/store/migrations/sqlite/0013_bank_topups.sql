@@ -19,14 +19,15 @@ CREATE UNIQUE INDEX bank_bindings_one_per_pan ON bank_bindings (bank_id, pan) WH
 -- A transfer from a bank card to the campus and what became of it (app::topup::State):
 -- 0 requested, 1 approved, 2 credited (a pending load), 3 loading (MAC2 issued), 4 loaded,
 -- 5 returned (the pending load's deadline passed; the money stays online), 6 refused,
--- 7 reversing, 8 reversed, 9 manual (reversal not acknowledged: an operator decides).
+-- 7 reversing, 8 reversed, 9 manual (reversal not acknowledged: an operator decides),
+-- 10 queued (from a batch file or an automatic rule; not sent yet, the bank knows nothing).
 -- `origin` is the request's idempotency key; (bank_id, batch, stan) is the campus serial the
 -- bank knows it by.
 CREATE TABLE bank_topups (
     id              INTEGER PRIMARY KEY,
     origin          TEXT NOT NULL UNIQUE,
     kind            INTEGER NOT NULL CHECK (kind IN (0, 1, 2)), -- kiosk, automatic, batch
-    state           INTEGER NOT NULL CHECK (state BETWEEN 0 AND 9),
+    state           INTEGER NOT NULL CHECK (state BETWEEN 0 AND 10),
     bank_id         TEXT NOT NULL,
     batch           TEXT NOT NULL,
     stan            TEXT NOT NULL,
@@ -45,6 +46,7 @@ CREATE TABLE bank_topups (
     load_counter    INTEGER,
     load_date_time  TEXT,
     load_hold       TEXT,
+    load_key_version INTEGER,
     requested_at    INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL,
     UNIQUE (bank_id, batch, stan)
@@ -52,6 +54,7 @@ CREATE TABLE bank_topups (
 CREATE INDEX bank_topups_holder_state ON bank_topups (cardholder_id, state);
 CREATE INDEX bank_topups_settle ON bank_topups (bank_id, settle_date);
 CREATE INDEX bank_topups_pending_load ON bank_topups (load_deadline) WHERE state = 2;
+CREATE INDEX bank_topups_queued ON bank_topups (id) WHERE state = 10;
 
 -- The reversal journal: a row is written (armed) before the transfer request is sent.
 -- 0 armed (request in flight), 1 due (to be sent), 2 acknowledged, 3 disarmed (the bank

@@ -1,0 +1,277 @@
+//! Bank top-up with real processes: `onecard sim bank` (losing the answer to the first
+//! transfer and refusing the first reversals), `onecard serve` with the bank link and the
+//! terminal front end, and a simulated kiosk in this test topping up a card file made by
+//! `onecard card create`. The server is killed while the reversal is still owed and started
+//! again: the reversal goes out from the journal and the bank returns the money. A second
+//! top-up through the restarted server reaches the card. The bank's reconciliation file,
+//! written when it stops, shows one transfer reversed and one kept; the CLI shows the states.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KEK: &str = "2b7e151628aed2a6abf7158809cf4f3c2b7e151628aed2a6abf7158809cf4f3c";
+const BANK: &str = "01040000";
+const KIOSK: &str = "000000009001";
+const PSAM: &str = "KIOSK9001";
+const ASN: &str = "10000000000000000001";
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn onecard(d: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .arg("--data-dir")
+        .arg(d)
+        .args(args)
+        .env("ONECARD_LOG", "warn")
+        .env("ONECARD_KEK", KEK)
+        .env_remove("ONECARD_KEK_FILE")
+        .output()
+        .expect("running onecard")
+}
+
+fn ok(d: &Path, args: &[&str]) -> String {
+    let o = onecard(d, args);
+    assert!(o.status.success(), "onecard {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn spawn(d: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_onecard"));
+    cmd.arg("--data-dir")
+        .arg(d)
+        .args(args)
+        .env("ONECARD_LOG", "warn")
+        .env("ONECARD_KEK", KEK)
+        .stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// The address printed after `marker` on a line of the child's output (the rest drained).
+fn address_after(child: &mut Child, marker: &str) -> String {
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "no line with {marker:?}"
+        );
+        if let Some(rest) = line.split(marker).nth(1) {
+            let addr = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches([':', ','])
+                .to_owned();
+            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+            return addr;
+        }
+    }
+}
+
+fn state(d: &Path, id: i64) -> String {
+    let out = ok(d, &["topup", "show", &id.to_string(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["state"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = |name: &str| d.join(name).to_str().unwrap().to_owned();
+    ok(d, &["init"]);
+    ok(d, &["keys", "ceremony"]);
+    ok(
+        d,
+        &[
+            "stock", "receive", "--first", ASN, "--count", "1", "--batch", "b1",
+        ],
+    );
+    ok(d, &["stock", "initialise", "--first", ASN, "--count", "1"]);
+    std::fs::write(
+        d.join("people.csv"),
+        "number,name,kind,department\n2026001,韩梅梅,student,化学系\n",
+    )
+    .unwrap();
+    ok(
+        d,
+        &["cardholder", "import", &path("people.csv"), "--issue-cards"],
+    );
+    let pan = sim::bank::pan(1);
+    ok(
+        d,
+        &["bank", "bind", "2026001", "--bank", BANK, "--pan", &pan],
+    );
+    ok(
+        d,
+        &[
+            "terminal",
+            "register",
+            "--terminal-no",
+            KIOSK,
+            "--kind",
+            "kiosk",
+            "--psam",
+            PSAM,
+            "--location",
+            "library",
+        ],
+    );
+    ok(d, &["terminal", "tmk", KIOSK, "--out", &path("kiosk.tmk")]);
+    ok(
+        d,
+        &[
+            "card",
+            "create",
+            "--file",
+            &path("c.card"),
+            "--asn",
+            ASN,
+            "--pin",
+            "2468",
+        ],
+    );
+    let tmk_hex = std::fs::read_to_string(d.join("kiosk.tmk")).unwrap();
+    let tmk = card::crypto::Tdes2Key::from_slice(
+        &app::security::unhex(tmk_hex.split_whitespace().next().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut card =
+        card::soft_card::SoftCard::from_bytes(&std::fs::read(d.join("c.card")).unwrap()).unwrap();
+
+    // The bank loses the answer to the first transfer and cannot take the first two
+    // reversals.
+    let files = d.join("bank-files");
+    std::fs::create_dir(&files).unwrap();
+    let mut bank = spawn(
+        d,
+        &[
+            "sim",
+            "bank",
+            "--listen",
+            "127.0.0.1:0",
+            "--accounts",
+            "1",
+            "--fault",
+            "no-answer",
+            "--fault-times",
+            "1",
+            "--reversal-fault",
+            "decline:96",
+            "--reversal-fault-times",
+            "2",
+            "--reconciliation-dir",
+            files.to_str().unwrap(),
+            "--settle-date",
+            "20261128",
+        ],
+        &[],
+    );
+    let bank_addr = address_after(&mut bank, " on ");
+    std::fs::write(
+        d.join("onecard.toml"),
+        format!(
+            "[topup]\nreversal_attempts = 10\n\n[[bank]]\nid = \"{BANK}\"\naddress = \"{bank_addr}\"\n\
+             terminal_id = \"CAMPUS01\"\nmerchant_id = \"104110000000001\"\ntimeout_ms = 800\n\
+             reconciliation_dir = \"{}\"\n",
+            files.display()
+        ),
+    )
+    .unwrap();
+    let config = path("onecard.toml");
+    let serve = |d: &Path| {
+        let mut s = spawn(
+            d,
+            &["--config", &config, "serve", "--listen", "127.0.0.1:0"],
+            &[("ONECARD_POSP_LISTEN", "127.0.0.1:0")],
+        );
+        let addr = address_after(&mut s, "terminal front end on ");
+        (s, addr)
+    };
+    let (mut server, posp) = serve(d);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut rng = card::random::SeededRandom::new(9);
+    let out = rt.block_on(async {
+        let mut kiosk = sim::kiosk::Kiosk::sign_in(&posp, KIOSK, PSAM, &tmk)
+            .await
+            .unwrap();
+        kiosk
+            .top_up(&mut card, &mut rng, &pan, "123456", 3_000)
+            .await
+            .unwrap()
+    });
+    assert_eq!(out.code, "98", "no answer from the bank: nothing credited");
+    let id = out.topup_id.unwrap();
+    // The server dies with the reversal still owed (the bank refused the first try).
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert_eq!(state(d, id), "reversing");
+    assert!(ok(d, &["topup", "list", "--state", "reversing"]).contains(&pan[15..]));
+
+    // Started again, it sends the reversal from its journal until the bank takes it.
+    let (mut server, posp) = serve(d);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while state(d, id) != "reversed" {
+        assert!(Instant::now() < deadline, "not reversed: {}", state(d, id));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A top-up through the restarted server reaches the card.
+    let out = rt.block_on(async {
+        let mut kiosk = sim::kiosk::Kiosk::sign_in(&posp, KIOSK, PSAM, &tmk)
+            .await
+            .unwrap();
+        kiosk.set_stan(50);
+        kiosk
+            .top_up(&mut card, &mut rng, &pan, "123456", 1_500)
+            .await
+            .unwrap()
+    });
+    assert_eq!(out.code, "00", "{out:?}");
+    let loaded = out.topup_id.unwrap();
+    assert_eq!(out.loads, vec![(loaded, "00".to_owned())]);
+    assert_eq!(card.balance_fen(), 1_500);
+    assert_eq!(state(d, loaded), "loaded");
+    server.kill().unwrap();
+    let _ = server.wait();
+
+    // Stopped with Ctrl-C, the bank writes its file: one transfer reversed, one kept.
+    let pid = bank.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = bank.wait();
+    let file = std::fs::read_to_string(files.join(format!("BANK{BANK}20261128.txt"))).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    assert_eq!(lines.len(), 4, "{file}");
+    assert!(
+        lines[0].starts_with(&format!("H|{BANK}|20261128|2|1500")),
+        "{file}"
+    );
+    assert!(
+        lines[1].ends_with("|3000|LOAD|") || lines[1].contains("|3000|LOAD|"),
+        "{file}"
+    );
+    assert!(
+        lines[1].ends_with("|REVERSED") && lines[2].ends_with("|OK"),
+        "{file}"
+    );
+    assert_eq!(lines[3], "T|2|1500");
+    assert!(ok(d, &["db-check"]).contains("OK"));
+    assert!(ok(d, &["alarm", "list"]).contains("no open alarms"));
+}
