@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod online;
 pub mod operators;
 pub mod personalise;
+pub mod reconcile;
 pub mod security;
 pub mod stock;
 pub mod terminals;
@@ -87,6 +88,12 @@ pub mod code {
     pub const PURSE_CARRY: u16 = 10;
     /// The fee for a replacement card.
     pub const CARD_FEE: u16 = 11;
+    /// Reconciliation: money the bank holds credited to the online account.
+    pub const RECONCILE_CREDIT: u16 = 12;
+    /// Reconciliation: a campus credit the bank does not hold taken back.
+    pub const RECONCILE_REVERSE: u16 = 13;
+    /// Reconciliation: a difference written off to or from the suspense account.
+    pub const RECONCILE_WRITE_OFF: u16 = 14;
 }
 
 /// Names of the system accounts the use cases create on first use.

@@ -339,6 +339,16 @@ conformance! {
             .map(|l| l.split('|').nth(7).unwrap().parse::<i64>().unwrap())
             .sum();
         assert_eq!(ok, loaded, "{file}");
+        // And reconciliation finds nothing out of place: every fault ended matched.
+        let date = w.topup(out.topup_id.unwrap()).await.settle_date;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(app::reconcile::file_name(BANK, &date)), &file).unwrap();
+        let run = app::reconcile::reconcile(&w.app, &Actor::cli(), BANK, &date, dir.path())
+            .await
+            .unwrap()
+            .run;
+        assert_eq!(run.counts.matched, faults.len() as u64 + 1, "{file}\n{run:?}");
+        assert_eq!((run.open_items, run.noted_items), (0, 0), "{file}\n{run:?}");
         assert!(w.app.check().await.unwrap().is_ok(), "the ledger balances");
         drop(w.stop);
     }

@@ -114,7 +114,7 @@ impl Workload {
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
@@ -1099,7 +1099,7 @@ async fn bench_exchange(
 }
 
 /// The backends `choice` names, in the order the tables print them.
-fn backends(choice: BackendChoice) -> impl Iterator<Item = &'static str> {
+pub(crate) fn backends(choice: BackendChoice) -> impl Iterator<Item = &'static str> {
     [
         (
             "sqlite",
@@ -1117,14 +1117,18 @@ fn backends(choice: BackendChoice) -> impl Iterator<Item = &'static str> {
 /// The database of one benchmark run: a temporary SQLite file, or a scratch database on a
 /// PostgreSQL server (`--pg-url`, else ONECARD_BENCH_PG_URL, ONECARD_TEST_PG_URL, the local
 /// server), dropped by [`BenchDb::finish`].
-struct BenchDb {
-    store: Store,
+pub(crate) struct BenchDb {
+    pub(crate) store: Store,
     _dir: tempfile::TempDir,
     scratch: Option<(DatabaseUrl, String)>,
 }
 
 impl BenchDb {
-    async fn open(postgres: bool, pg_url: &Option<String>, tag: &str) -> anyhow::Result<BenchDb> {
+    pub(crate) async fn open(
+        postgres: bool,
+        pg_url: &Option<String>,
+        tag: &str,
+    ) -> anyhow::Result<BenchDb> {
         let dir = tempfile::tempdir()?;
         if !postgres {
             let url = DatabaseUrl::Sqlite(dir.path().join("bench.db"));
@@ -1156,7 +1160,7 @@ impl BenchDb {
     }
 
     /// Closes the store and drops a scratch database.
-    async fn finish(self) -> anyhow::Result<()> {
+    pub(crate) async fn finish(self) -> anyhow::Result<()> {
         let BenchDb {
             store,
             _dir,

@@ -6,6 +6,7 @@ mod bench;
 mod config;
 mod desk_cli;
 mod operator_cli;
+mod recon_cli;
 mod topup_cli;
 
 use std::path::PathBuf;
@@ -134,6 +135,9 @@ enum Command {
     /// Operators: accounts with a role that log in to the API (passwords never as flags).
     #[command(subcommand)]
     Operator(operator_cli::OperatorCommand),
+    /// Reconciliation with the banks' files: run a day, list the queue, resolve items.
+    #[command(subcommand)]
+    Reconcile(recon_cli::ReconcileCommand),
     /// Bank card bindings and the files exchanged with a bank: account opening, card
     /// production, batch cancellation.
     #[command(subcommand)]
@@ -321,6 +325,8 @@ enum BenchCommand {
     Posp(bench::PospArgs),
     /// A commerce gateway's outbox backlog drained into the centre over TCP.
     Gateway(bench::GatewayArgs),
+    /// Reconciliation of a bank file against a day of top-ups.
+    Reconcile(recon_cli::BenchArgs),
     /// Kiosk bank top-ups end to end over TCP against the bank simulator (transfer, credit,
     /// MAC2, card write, TAC).
     #[command(name = "topup")]
@@ -673,6 +679,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Operator(cmd) => operator_cli::run(&config, cmd).await?,
+        Command::Reconcile(cmd) => {
+            recon_cli::run(&config, &app(&config, open(&config, false).await?), cmd).await?
+        }
+        Command::Bench(BenchCommand::Reconcile(args)) => recon_cli::bench(args).await?,
         Command::Bank(cmd) => {
             if !bank_cli::run(&app(&config, open(&config, false).await?), cmd).await? {
                 return Ok(ExitCode::FAILURE);

@@ -68,7 +68,7 @@ fn init_transfer_and_db_check_and_every_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     fails(&data, &["db-check"], 1, "onecard init");
-    assert!(ok(&data, &["init"]).contains("schema version 13"));
+    assert!(ok(&data, &["init"]).contains("schema version 14"));
     assert!(data.join("onecard.db").is_file());
     ok(&data, &["init"]);
     assert!(ok(&data, &["migrate"]).contains("up to date"));
@@ -403,7 +403,7 @@ fn commands_work_on_postgres() {
         all.iter().map(|s| s.to_string()).collect::<Vec<String>>()
     };
     let run_ok = |args: Vec<String>| ok(data, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(run_ok(db(&["init"])).contains("schema version 13"));
+    assert!(run_ok(db(&["init"])).contains("schema version 14"));
     assert!(run_ok(db(&["migrate"])).contains("up to date"));
     run_ok(db(&["account", "create", "--kind", "bank_clearing"]));
     run_ok(db(&["account", "create", "--kind", "cardholder_online"]));

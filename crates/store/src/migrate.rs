@@ -92,6 +92,11 @@ pub(crate) const SQLITE: &[Source] = &[
         name: "bank_topups",
         sql: include_str!("../migrations/sqlite/0013_bank_topups.sql"),
     },
+    Source {
+        version: 14,
+        name: "reconciliation",
+        sql: include_str!("../migrations/sqlite/0014_reconciliation.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Source] = &[
@@ -159,6 +164,11 @@ pub(crate) const POSTGRES: &[Source] = &[
         version: 13,
         name: "bank_topups",
         sql: include_str!("../migrations/postgres/0013_bank_topups.sql"),
+    },
+    Source {
+        version: 14,
+        name: "reconciliation",
+        sql: include_str!("../migrations/postgres/0014_reconciliation.sql"),
     },
 ];
 

@@ -103,7 +103,7 @@ async fn ledger_reads_and_their_errors() {
             health["database"].as_str(),
             health["schema_version"].as_i64()
         ),
-        (StatusCode::OK, Some("sqlite"), Some(13))
+        (StatusCode::OK, Some("sqlite"), Some(14))
     );
 
     let (s, a) = get(format!("/api/v1/accounts/{}", alice.account.id)).await;
