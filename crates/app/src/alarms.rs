@@ -16,6 +16,8 @@ use crate::error::AppResult;
 
 /// A bank reversal was not acknowledged after every retry: an operator decides.
 pub const BANK_REVERSAL_UNRESOLVED: &str = "bank_reversal_unresolved";
+/// The bank acknowledged a reversal after reconciliation had credited that top-up.
+pub const BANK_REVERSAL_AFTER_CREDIT: &str = "bank_reversal_after_credit";
 /// A confirmed load could not be posted (its hold had gone and the online account could not
 /// pay it): the card holds money the ledger does not show on its purse.
 pub const LOAD_UNPOSTED: &str = "load_unposted";

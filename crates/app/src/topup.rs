@@ -946,6 +946,26 @@ impl TopUps {
                         .await?
                         .int(0)?;
                     if state != 1 {
+                        if state == 3
+                            && let ReversalReply::Acknowledged { f39 } = &reply
+                            && f39 == "00"
+                        {
+                            // Reconciliation credited the campus while this reversal was on
+                            // its way, and the bank has now given the money back: both sides
+                            // undid it. An operator must look (the next reconciliation shows
+                            // it as campus-only).
+                            alarms::raise(
+                                tx,
+                                alarms::BANK_REVERSAL_AFTER_CREDIT,
+                                &format!("topup:{id}"),
+                                &format!(
+                                    "the bank acknowledged the reversal of top-up {id} after \
+                                     reconciliation had credited it: reconcile its day again"
+                                ),
+                                now.0,
+                            )
+                            .await?;
+                        }
                         return Ok::<_, anyhow::Error>(Some(state == 2));
                     }
                     match reply {

@@ -174,8 +174,6 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
             "2",
             "--reconciliation-dir",
             files.to_str().unwrap(),
-            "--settle-date",
-            "20261128",
         ],
         &[],
     );
@@ -256,22 +254,43 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
             .success()
     );
     let _ = bank.wait();
-    let file = std::fs::read_to_string(files.join(format!("BANK{BANK}20261128.txt"))).unwrap();
+    // The bank's settlement date, as its answers gave it (F15).
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(d, &["topup", "show", &loaded.to_string(), "--json"])).unwrap();
+    let day = shown["settle_date"].as_str().unwrap().to_owned();
+    let file = std::fs::read_to_string(files.join(format!("BANK{BANK}{day}.txt"))).unwrap();
     let lines: Vec<&str> = file.lines().collect();
     assert_eq!(lines.len(), 4, "{file}");
     assert!(
-        lines[0].starts_with(&format!("H|{BANK}|20261128|2|1500")),
+        lines[0].starts_with(&format!("H|{BANK}|{day}|2|1500")),
         "{file}"
     );
-    assert!(
-        lines[1].ends_with("|3000|LOAD|") || lines[1].contains("|3000|LOAD|"),
-        "{file}"
-    );
+    assert!(lines[1].contains("|3000|LOAD|"), "{file}");
     assert!(
         lines[1].ends_with("|REVERSED") && lines[2].ends_with("|OK"),
         "{file}"
     );
     assert_eq!(lines[3], "T|2|1500");
+    // Reconciled with the file (from the bank's reconciliation_dir): both sides agree.
+    let run: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &[
+            "--config",
+            &config,
+            "reconcile",
+            "run",
+            "--bank",
+            BANK,
+            "--date",
+            &day,
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(run["run"]["counts"]["matched"], 2, "{run}");
+    for class in ["bank_only", "campus_only", "amount_mismatch", "duplicate"] {
+        assert_eq!(run["run"]["counts"][class], 0, "{class}: {run}");
+    }
     assert!(ok(d, &["db-check"]).contains("OK"));
     assert!(ok(d, &["alarm", "list"]).contains("no open alarms"));
 }
