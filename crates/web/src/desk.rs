@@ -172,6 +172,9 @@ pub fn routes() -> Router<App> {
         )
         .route("/api/v1/offline-records/quarantined", get(quarantined))
         .route("/api/v1/cards/by-asn/{asn}/anomalies", get(anomalies))
+        .route("/api/v1/topups", get(list_topups))
+        .route("/api/v1/topups/{id}", get(get_topup))
+        .route("/api/v1/alarms", get(list_alarms))
         .route("/api/v1/audit", get(audit_list))
         .route("/api/v1/audit/verify", get(audit_verify))
 }
@@ -443,6 +446,56 @@ async fn stock_void(
     Body(r): Body<StockRange>,
 ) -> ApiResult {
     ok(stock::void(&app, &actor, &r.first, r.count, &r.reason).await?)
+}
+
+#[derive(Deserialize)]
+struct TopUpFilter {
+    state: Option<String>,
+    cardholder_id: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_topups(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(f): Params<TopUpFilter>,
+) -> ApiResult {
+    let state = match f.state.as_deref() {
+        None => None,
+        Some(s) => Some(app::topup::State::parse(s).ok_or_else(|| {
+            app::AppError::invalid(
+                "invalid_state",
+                format!(
+                    "unknown top-up state {s:?}; one of {}",
+                    app::topup::State::ALL
+                        .map(app::topup::State::name)
+                        .join(", ")
+                ),
+            )
+        })?),
+    };
+    ok(app::topup::list(&app, &actor, state, f.cardholder_id, f.limit.unwrap_or(100)).await?)
+}
+
+async fn get_topup(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Id(id): Id,
+) -> ApiResult {
+    ok(app::topup::get(&app, &actor, id).await?)
+}
+
+#[derive(Deserialize)]
+struct AlarmFilter {
+    all: Option<bool>,
+}
+
+async fn list_alarms(
+    State(app): State<App>,
+    CurrentActor(actor): CurrentActor,
+    Params(f): Params<AlarmFilter>,
+) -> ApiResult {
+    ok(app::alarms::list(&app, &actor, !f.all.unwrap_or(false)).await?)
 }
 
 async fn audit_list(

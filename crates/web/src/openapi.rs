@@ -502,6 +502,43 @@ pub fn operations() -> Vec<Operation> {
         ),
         Operation {
             query: &[
+                (
+                    "state",
+                    "one state: queued, requested, credited, loading, loaded, returned, refused, reversing, reversed, manual",
+                ),
+                ("cardholder_id", "one cardholder's"),
+                ("limit", "rows, at most 1000"),
+            ],
+            ..op(
+                "get",
+                "/api/v1/topups",
+                "Bank top-ups (圈存), newest first, each with its one state",
+                Some("bank.read"),
+                None,
+                list("TopUp"),
+            )
+        },
+        op(
+            "get",
+            "/api/v1/topups/{id}",
+            "One bank top-up: its state, the bank's answer, the campus serial, the load deadline",
+            Some("bank.read"),
+            None,
+            schema("TopUp"),
+        ),
+        Operation {
+            query: &[("all", "true: cleared alarms too")],
+            ..op(
+                "get",
+                "/api/v1/alarms",
+                "Alarms, newest first (open ones unless all=true)",
+                Some("terminals.read"),
+                None,
+                list("Alarm"),
+            )
+        },
+        Operation {
+            query: &[
                 ("actor", "exact actor"),
                 ("action", "exact action"),
                 ("target", "target prefix"),
@@ -641,6 +678,9 @@ fn schemas() -> Value {
         "Terminal": obj(&[("id", "int"), ("terminal_no", "str"), ("kind", "TerminalKind"), ("merchant_account_id", "int?"), ("location", "str"), ("psam_serial", "str?"), ("enabled", "bool"), ("last_seen_at_ms", "int?"), ("signed_in_at_ms", "int?"), ("blacklist_version", "int"), ("created_at_ms", "int"), ("updated_at_ms", "int")]),
         "Quarantined": obj(&[("id", "int"), ("asn", "str"), ("counter", "int"), ("terminal_no", "str"), ("amount_fen", "int"), ("reason", "str"), ("received_at_ms", "int")]),
         "Anomaly": obj(&[("id", "int"), ("asn", "str"), ("kind", "str"), ("counter", "int"), ("detail", "str"), ("created_at_ms", "int"), ("resolved_at_ms", "int?")]),
+        "TopUpState": { "type": "string", "enum": ["requested", "approved", "credited", "loading", "loaded", "returned", "refused", "reversing", "reversed", "manual", "queued"] },
+        "TopUp": obj(&[("id", "int"), ("origin", "str"), ("kind", "str"), ("state", "TopUpState"), ("bank_id", "str"), ("batch", "str"), ("stan", "str"), ("pan_masked", "str"), ("cardholder_id", "int"), ("amount_fen", "int"), ("terminal_no", "str?"), ("bank_code", "str?"), ("bank_reference", "str?"), ("auth_code", "str?"), ("settle_date", "str"), ("credit_transfer", "str?"), ("load_deadline_ms", "int?"), ("load_card_id", "int?"), ("requested_at_ms", "int"), ("updated_at_ms", "int")]),
+        "Alarm": obj(&[("id", "int"), ("kind", "str"), ("subject", "str"), ("message", "str"), ("raised_at_ms", "int"), ("cleared_at_ms", "int?")]),
         "AuditEntry": obj(&[("seq", "int"), ("at_ms", "int"), ("actor", "str"), ("source", "str"), ("action", "str"), ("target", "str"), ("summary", "str")]),
     })
 }

@@ -101,6 +101,13 @@ conformance! {
             terminal_no: "0000000000AA".into(), kind: app::terminals::TerminalKind::Pos,
             merchant_account_id: Some(library.get()), location: "library".into(), psam_serial: None, gateway_no: None,
         }).await.unwrap();
+        app::bindings::bind(&app, &cli, "S1", "01040000", "6222020200000000014").await.unwrap();
+        let topup = match app::topup::begin(&app, &app::topup::TopUpPolicy::default(), app::topup::TopUpRequest {
+            origin: "endpoints".into(), kind: app::topup::Kind::Batch, card_asn: None,
+            cardholder_number: Some("S1".into()), pan: None, amount_fen: 100, terminal_no: None,
+        }, true).await.unwrap() {
+            app::topup::Begun::New(t) | app::topup::Begun::Existing(t) => t,
+        };
         let mut terminal_no = 0x100u64;
         let mut receive_at = 10_000_000_000_000_000_200u128;
         let mut key = 0;
@@ -136,7 +143,8 @@ conformance! {
                 .replace("/accounts/{id}", &format!("/accounts/{}", holder.online_account))
                 .replace("/transfers/{id}", &format!("/transfers/{transfer}"))
                 .replace("/operators/{id}", &format!("/operators/{operator_id}"))
-                .replace("/terminals/{id}", &format!("/terminals/{}", terminal.id));
+                .replace("/terminals/{id}", &format!("/terminals/{}", terminal.id))
+                .replace("/topups/{id}", &format!("/topups/{}", topup.id));
             assert!(!path.contains('{'), "no value for a parameter of {}", op.path);
             let mut body = |_role: Option<Role>| -> Option<Value> {
                 Some(match (op.method, op.path) {
