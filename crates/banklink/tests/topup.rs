@@ -604,3 +604,63 @@ async fn mac2_for(
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((mac2, (init.online_counter, at)))
 }
+
+conformance! {
+    async fn a_bank_with_its_own_profile_and_x9_19_macs_and_the_daily_sign_off(db) {
+        let mut w = world(db, 1).await;
+        let pan = sim::bank::pan(1);
+        let mut x919 = iso8583::Profile::cups_pos();
+        x919.mac_algorithm = Some(iso8583::MacAlgorithm::X9_19);
+        // The same bank (same BMK, same accounts) answering in its own dialect.
+        let version = w.module.current_version(KeyKind::BankMaster).unwrap();
+        let bank = BankSim::new(
+            w.module.bank_master(version, BANK).unwrap(),
+            vec![BankAccount { pan: pan.clone(), pin: "123456".into(), balance_fen: BALANCE }],
+        )
+        .with_profile(x919.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let served = bank.clone();
+        tokio::spawn(async move {
+            posp::serve_frames(listener, std::future::pending(), &posp::PospConfig::default(), served).await
+        });
+        let request = |origin: &str| TopUpRequest {
+            origin: origin.into(),
+            kind: Kind::Batch,
+            card_asn: None,
+            cardholder_number: Some("2026000001".into()),
+            pan: None,
+            amount_fen: 500,
+            terminal_no: None,
+        };
+        // A campus configured with the wrong dialect cannot use the double-length key: the
+        // request never leaves.
+        let wrong = Banks::new(w.app.clone(), w.module.clone(), vec![settings(&addr)]);
+        let t = TopUps::new(w.app.clone(), Arc::new(wrong), policy())
+            .request(request("x919:wrong"), None)
+            .await
+            .unwrap();
+        assert_eq!((t.state, t.bank_code.as_deref()), (State::Refused, Some("91")), "{t:?}");
+        assert_eq!(bank.balance(&pan), Some(BALANCE));
+        // With the bank's profile, the X9.19 MACs verify both ways.
+        let mut s = settings(&addr);
+        s.profile = x919;
+        s.sign_off_at = Some("00:00".into());
+        let banks = Banks::new(w.app.clone(), w.module.clone(), vec![s]);
+        let topups = TopUps::new(w.app.clone(), Arc::new(banks.clone()), policy());
+        let t = topups.request(request("x919:1"), None).await.unwrap();
+        assert_eq!(t.state, State::Credited, "{t:?}");
+        assert_eq!(bank.balance(&pan), Some(BALANCE - 500));
+        assert_eq!(banks.echo(BANK).await.unwrap(), banklink::BankCode::Approved);
+        // The daily sign-off at the agreed time (00:00 has passed): once a day; the next
+        // request signs in again with new keys.
+        assert_eq!(banks.sign_off_due().await, vec![BANK.to_owned()]);
+        assert!(banks.sign_off_due().await.is_empty(), "once a day");
+        let t = topups.request(request("x919:2"), None).await.unwrap();
+        assert_eq!(t.state, State::Credited, "{t:?}");
+        assert_eq!(bank.balance(&pan), Some(BALANCE - 1_000));
+        assert!(w.app.check().await.unwrap().is_ok());
+        w.cards.clear();
+        drop(w.stop);
+    }
+}

@@ -18,8 +18,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use card::crypto::{DesKey, PinBlock, Tdes2Key, cups_ecb_mac};
-use iso8583::{MacCheck, Message, Profile};
+use card::crypto::{DesKey, PinBlock, Tdes2Key, cups_ecb_mac, x9_9_mac, x9_19_mac};
+use iso8583::{MacAlgorithm, MacCheck, Message, Profile};
 
 /// A bank account the simulator holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,12 +133,29 @@ pub fn pan(i: u64) -> String {
     format!("{body}{}", (10 - sum % 10) % 10)
 }
 
+/// The day's MAC key: single-length (CUPS ECB, X9.9) or double-length (X9.19).
+#[derive(Clone)]
+enum MacKey {
+    Single(DesKey),
+    Double(Tdes2Key),
+}
+
+impl MacKey {
+    fn mac(&self, algorithm: MacAlgorithm, data: &[u8]) -> [u8; 8] {
+        match (self, algorithm) {
+            (MacKey::Double(k), _) => x9_19_mac(k, [0; 8], data),
+            (MacKey::Single(k), MacAlgorithm::X9_9) => x9_9_mac(k, [0; 8], data),
+            (MacKey::Single(k), _) => cups_ecb_mac(k, data),
+        }
+    }
+}
+
 struct State {
     transfer_fault: Armed,
     reversal_fault: Armed,
     settle_date: String,
     accounts: HashMap<String, BankAccount>,
-    keys: Option<(Tdes2Key, DesKey)>,
+    keys: Option<(Tdes2Key, MacKey)>,
     transfers: HashMap<(String, String), Transfer>,
     batch: String,
     next_reference: u64,
@@ -179,6 +196,13 @@ impl BankSim {
                 next_reference: 1,
             })),
         }
+    }
+
+    /// Speaks `profile` (its MAC algorithm too: for X9.19 the sign-in sends a double-length
+    /// MAC key, all 16 bytes of its slot, spec 7.4).
+    pub fn with_profile(mut self, profile: Profile) -> BankSim {
+        self.profile = Arc::new(profile);
+        self
     }
 
     /// Writes the day's reconciliation file for `bank_id` into `dir` at each sign-off
@@ -299,13 +323,23 @@ impl BankSim {
                 getrandom::fill(&mut pik).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
                 getrandom::fill(&mut mak).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
                 let pik = Tdes2Key::from_bytes(pik);
-                let mak = DesKey::from_bytes(mak);
                 let mut f62 = Vec::with_capacity(40);
                 f62.extend_from_slice(&self.bmk.wrap_tdes_key(&pik));
                 f62.extend_from_slice(&pik.check_value());
-                f62.extend_from_slice(&self.bmk.wrap_des_key(&mak));
-                f62.extend_from_slice(&[0; 8]);
-                f62.extend_from_slice(&mak.check_value());
+                let mak = if self.profile.mac_algorithm == Some(MacAlgorithm::X9_19) {
+                    let mut double = [0u8; 16];
+                    getrandom::fill(&mut double).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+                    let k = Tdes2Key::from_bytes(double);
+                    f62.extend_from_slice(&self.bmk.wrap_tdes_key(&k));
+                    f62.extend_from_slice(&k.check_value());
+                    MacKey::Double(k)
+                } else {
+                    let k = DesKey::from_bytes(mak);
+                    f62.extend_from_slice(&self.bmk.wrap_des_key(&k));
+                    f62.extend_from_slice(&[0; 8]);
+                    f62.extend_from_slice(&k.check_value());
+                    MacKey::Single(k)
+                };
                 st.keys = Some((pik, mak));
                 a.set(60, format!("00{}003", st.batch));
                 a.set(62, f62);
@@ -330,11 +364,10 @@ impl BankSim {
                     a.set(39, "77");
                     return plain(&a);
                 };
-                let check = iso8583::decode_verified(&self.profile, request, |_, mab| {
-                    cups_ecb_mac(&mak, mab)
-                })
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .1;
+                let check =
+                    iso8583::decode_verified(&self.profile, request, |alg, mab| mak.mac(alg, mab))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                        .1;
                 if check != MacCheck::Valid {
                     a.set(39, "A0");
                     return plain(&a);
@@ -362,15 +395,18 @@ impl BankSim {
                 }
                 a.set(39, code);
                 drop(st);
-                let maced = |key: &DesKey| {
-                    iso8583::encode_with_mac(&self.profile, &a, |_, mab| cups_ecb_mac(key, mab))
+                let maced = |key: &MacKey| {
+                    iso8583::encode_with_mac(&self.profile, &a, |alg, mab| key.mac(alg, mab))
                         .map_err(|e| anyhow::anyhow!("{e}"))
                 };
                 let body = match fault {
                     Some(BankFault::NoMac) => {
                         iso8583::encode(&self.profile, &a).map_err(|e| anyhow::anyhow!("{e}"))?
                     }
-                    Some(BankFault::WrongMac) => maced(&DesKey::from_bytes([0x5A; 8]))?,
+                    Some(BankFault::WrongMac) => maced(&match mak {
+                        MacKey::Single(_) => MacKey::Single(DesKey::from_bytes([0x5A; 8])),
+                        MacKey::Double(_) => MacKey::Double(Tdes2Key::from_bytes([0x5A; 16])),
+                    })?,
                     _ => maced(&mak)?,
                 };
                 Ok(match fault {
