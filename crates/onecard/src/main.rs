@@ -26,6 +26,10 @@ use store::{DatabaseUrl, Store, StoreOptions};
 const TOPUP_WORK_INTERVAL_MS: u64 = 500;
 /// Queued top-ups the worker sends at once.
 const TOPUP_SENDS_AT_ONCE: usize = 8;
+/// How long the server waits before trying a day's reconciliation again when it failed (the
+/// bank's file has not come), and how many times it tries (a day and a half).
+const RECONCILE_RETRY_MS: u64 = 600_000;
+const RECONCILE_TRIES_MAX: u32 = 216;
 const HOLD_SWEEP_INTERVAL_MS: u64 = 1_000;
 /// How often `serve` moves the purse balance of replaced and cancelled cards past their
 /// waiting period to the online account.
@@ -794,8 +798,21 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
             let topups =
                 app::topup::TopUps::new(app.clone(), Arc::new(banks.clone()), config.topup);
             let worker = topups.clone();
+            let dirs: std::collections::HashMap<String, std::path::PathBuf> = config
+                .banks
+                .iter()
+                .filter_map(|b| {
+                    Some((
+                        b.settings.link.bank_id.clone(),
+                        b.reconciliation_dir.clone()?,
+                    ))
+                })
+                .collect();
+            let recon_app = app.clone();
             let task = tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(TOPUP_WORK_INTERVAL_MS));
+                // Days to reconcile after a sign-off: (bank, day, when to try next, tries).
+                let mut owed: Vec<(String, String, std::time::Instant, u32)> = Vec::new();
                 loop {
                     tick.tick().await;
                     match worker.work(TOPUP_SENDS_AT_ONCE).await {
@@ -805,7 +822,13 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
                             tracing::warn!(error = ?e, "the top-up worker failed; will retry")
                         }
                     }
-                    banks.sign_off_due().await;
+                    for bank in banks.sign_off_due().await {
+                        if dirs.contains_key(&bank) {
+                            let day = recon_app.local_date(0).replace('-', "");
+                            owed.push((bank, day, std::time::Instant::now(), 0));
+                        }
+                    }
+                    owed = reconcile_owed(&recon_app, &dirs, std::mem::take(&mut owed)).await;
                 }
             });
             Some((topups, task))
@@ -852,6 +875,35 @@ async fn serve(config: &Config, app: App) -> anyhow::Result<()> {
     sweep.abort();
     settle.abort();
     result
+}
+
+/// After a bank's sign-off, its day is reconciled as soon as the bank's file is in its
+/// `reconciliation_dir`: tried at once, then every [`RECONCILE_RETRY_MS`] while it fails (a
+/// missing file keeps its alarm open meanwhile), for [`RECONCILE_TRIES_MAX`] tries. Returns
+/// what is still owed.
+async fn reconcile_owed(
+    app: &App,
+    dirs: &std::collections::HashMap<String, std::path::PathBuf>,
+    owed: Vec<(String, String, std::time::Instant, u32)>,
+) -> Vec<(String, String, std::time::Instant, u32)> {
+    let mut left = Vec::new();
+    for (bank, day, next, tries) in owed {
+        if next > std::time::Instant::now() {
+            left.push((bank, day, next, tries));
+            continue;
+        }
+        let Some(dir) = dirs.get(&bank) else { continue };
+        match app::reconcile::reconcile(app, &app::Actor::system(), &bank, &day, dir).await {
+            Ok(r) => tracing::info!(%bank, %day, counts = ?r.run.counts, "reconciled"),
+            Err(e) if tries + 1 < RECONCILE_TRIES_MAX => {
+                tracing::warn!(%bank, %day, error = %e, "reconciliation: will try again");
+                let again = std::time::Instant::now() + Duration::from_millis(RECONCILE_RETRY_MS);
+                left.push((bank, day, again, tries + 1));
+            }
+            Err(e) => tracing::error!(%bank, %day, error = %e, "reconciliation: gave up"),
+        }
+    }
+    left
 }
 
 fn load_kek(config: &Config) -> anyhow::Result<app::security::Kek> {

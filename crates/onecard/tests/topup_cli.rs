@@ -4,7 +4,8 @@
 //! `onecard card create`. The server is killed while the reversal is still owed and started
 //! again: the reversal goes out from the journal and the bank returns the money. A second
 //! top-up through the restarted server reaches the card. The bank's reconciliation file,
-//! written when it stops, shows one transfer reversed and one kept; the CLI shows the states.
+//! written when it stops, shows one transfer reversed and one kept, and reconciles with the
+//! campus side; the server also signs off at the agreed time and reconciles the day itself.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -181,9 +182,9 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
     std::fs::write(
         d.join("onecard.toml"),
         format!(
-            "[topup]\nreversal_attempts = 10\n\n[[bank]]\nid = \"{BANK}\"\naddress = \"{bank_addr}\"\n\
-             terminal_id = \"CAMPUS01\"\nmerchant_id = \"104110000000001\"\ntimeout_ms = 800\n\
-             reconciliation_dir = \"{}\"\n",
+            "utc_offset_minutes = 0\n[topup]\nreversal_attempts = 10\n\n[[bank]]\nid = \"{BANK}\"\n\
+             address = \"{bank_addr}\"\nterminal_id = \"CAMPUS01\"\nmerchant_id = \"104110000000001\"\n\
+             timeout_ms = 800\nsign_off_at = \"00:00\"\nreconciliation_dir = \"{}\"\n",
             files.display()
         ),
     )
@@ -288,6 +289,9 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
     ))
     .unwrap();
     assert_eq!(run["run"]["counts"]["matched"], 2, "{run}");
+    // The server signed off at the agreed time (00:00, so at once) and reconciled the day by
+    // itself from the file the bank wrote then: this run is not the first.
+    assert!(run["run"]["runs"].as_i64().unwrap() >= 2, "{run}");
     for class in ["bank_only", "campus_only", "amount_mismatch", "duplicate"] {
         assert_eq!(run["run"]["counts"][class], 0, "{class}: {run}");
     }
