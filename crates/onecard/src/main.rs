@@ -347,6 +347,39 @@ enum SimCommand {
     /// keys under the bank master key, echo, transfers with PIN checks, reversals), with
     /// accounts in memory (needs the KEK for the bank master key).
     Bank(SimBankArgs),
+    /// A simulated kiosk: signs in at the terminal front end and tops up a card file from a
+    /// bank card (with --pan, --pin, --amount-fen), writing the money to the card; without
+    /// them, writes the card's pending loads. Saves the card file.
+    Kiosk(SimKioskArgs),
+}
+
+#[derive(Args, Debug)]
+struct SimKioskArgs {
+    /// The terminal front end (`[posp] listen` of `onecard serve`).
+    #[arg(long)]
+    posp: String,
+    /// The kiosk's terminal number (12 hex digits) and its PSAM serial, as registered.
+    #[arg(long)]
+    terminal: String,
+    #[arg(long)]
+    psam: String,
+    /// The kiosk's TMK file (`onecard terminal tmk`).
+    #[arg(long)]
+    tmk_file: std::path::PathBuf,
+    /// The card file (`onecard card create`).
+    #[arg(long)]
+    card: std::path::PathBuf,
+    #[arg(long)]
+    pan: Option<String>,
+    /// The bank card's PIN (a simulator: real kiosks read it from a PIN pad).
+    #[arg(long)]
+    pin: Option<String>,
+    #[arg(long)]
+    amount_fen: Option<u32>,
+    /// The last trace used before this run (a kiosk keeps counting across runs: the same
+    /// trace again is the same request, answered from the first).
+    #[arg(long, default_value_t = 0)]
+    trace: u32,
 }
 
 #[derive(Args, Debug)]
@@ -650,6 +683,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sim(SimCommand::Pos(args)) => sim_pos(&config, args).await?,
         Command::Sim(SimCommand::Bank(args)) => sim_bank(&config, args).await?,
+        Command::Sim(SimCommand::Kiosk(args)) => sim_kiosk(args).await?,
         Command::Gateway(args) => {
             let outbox = args
                 .outbox
@@ -1514,37 +1548,102 @@ async fn sim_bank(config: &Config, args: SimBankArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::Result<()> {
-    gateway::check_address(&args.centre)?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&args.tmk_file)
-            .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?
-            .permissions()
-            .mode();
-        anyhow::ensure!(
-            mode & 0o077 == 0,
-            "{} holds a key and may be read by others (mode {:o}): chmod 600 it",
-            args.tmk_file.display(),
-            mode & 0o777
-        );
-    }
-    // The key's text is wiped from memory when dropped.
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(&args.tmk_file)
-            .with_context(|| format!("reading the TMK file {}", args.tmk_file.display()))?,
+/// A terminal's TMK from the file `onecard terminal tmk` wrote: readable by its owner only,
+/// 32 hex digits; the text is wiped from memory when dropped.
+fn read_tmk(path: &std::path::Path, whose: &str) -> anyhow::Result<card::crypto::Tdes2Key> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading the TMK file {}", path.display()))?
+        .permissions()
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "{} holds a key and may be read by others (mode {:o}): chmod 600 it",
+        path.display(),
+        mode & 0o777
     );
-    let text = text.trim();
-    let bytes = app::security::unhex(text).map(zeroize::Zeroizing::new);
-    let tmk = bytes
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the TMK file {}", path.display()))?,
+    );
+    let bytes = app::security::unhex(text.trim()).map(zeroize::Zeroizing::new);
+    bytes
         .and_then(|b| card::crypto::Tdes2Key::from_slice(&b).ok())
         .with_context(|| {
             format!(
-                "{} must hold the gateway's TMK as 32 hex digits (`onecard terminal tmk` at the \
+                "{} must hold the {whose}'s TMK as 32 hex digits (`onecard terminal tmk` at the \
                  centre writes it)",
-                args.tmk_file.display()
+                path.display()
             )
-        })?;
+        })
+}
+
+/// `onecard sim kiosk`: one top-up at a simulated kiosk, with a card file.
+async fn sim_kiosk(args: SimKioskArgs) -> anyhow::Result<()> {
+    let tmk = read_tmk(&args.tmk_file, "kiosk")?;
+    let terminal = app::terminals::parse_terminal_no(&args.terminal)?;
+    let bytes = std::fs::read(&args.card)
+        .with_context(|| format!("reading the card file {}", args.card.display()))?;
+    let mut card = card::soft_card::SoftCard::from_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a card file ({e:?})", args.card.display()))?;
+    let mut kiosk = sim::kiosk::Kiosk::sign_in(&args.posp, &terminal, &args.psam, &tmk).await?;
+    kiosk.set_stan(args.trace);
+    let mut rng = card::random::SeededRandom::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    );
+    let before = card.balance_fen();
+    let loads = match (&args.pan, args.amount_fen) {
+        (Some(pan), Some(amount)) => {
+            let pin = args
+                .pin
+                .as_deref()
+                .context("--pin (the bank card's PIN) is needed for a top-up")?;
+            let out = kiosk.top_up(&mut card, &mut rng, pan, pin, amount).await?;
+            println!(
+                "top-up {}: {} ({})",
+                out.topup_id.map_or("-".into(), |i| i.to_string()),
+                out.code,
+                kiosk_meaning(&out.code)
+            );
+            out.loads
+        }
+        (None, None) => kiosk.load_pending(&mut card, &mut rng).await?,
+        _ => anyhow::bail!("--pan and --amount-fen go together (neither: load what is pending)"),
+    };
+    for (id, code) in &loads {
+        println!("load of top-up {id}: {code} ({})", kiosk_meaning(code));
+    }
+    save_card(&args.card, &card)?;
+    println!(
+        "card balance {} → {} fen (the last trace used: {}; start the next run after it)",
+        before,
+        card.balance_fen(),
+        kiosk.trace()
+    );
+    Ok(())
+}
+
+fn kiosk_meaning(code: &str) -> &'static str {
+    match code {
+        "00" => "done",
+        "51" => "the bank account cannot pay",
+        "55" => "wrong PIN",
+        "14" => "this bank card is not bound to the card's cardholder",
+        "13" => "amount out of range",
+        "98" => "no answer from the bank: nothing credited, the transfer is being reversed",
+        "94" => "confirm the earlier load first, or ask again",
+        "62" => "the campus card is not active",
+        "40" => "the centre has no bank configured",
+        "58" => "this terminal may not do that",
+        _ => "refused",
+    }
+}
+
+async fn run_gateway(args: GatewayArgs, outbox: std::path::PathBuf) -> anyhow::Result<()> {
+    gateway::check_address(&args.centre)?;
+    let tmk = read_tmk(&args.tmk_file, "gateway")?;
     let terminal = app::terminals::parse_terminal_no(&args.terminal)?;
     let gw = gateway::Gateway::open(
         gateway::GatewayConfig::new(&args.centre, &terminal, &args.serial),

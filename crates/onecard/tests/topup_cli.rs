@@ -226,22 +226,81 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
         assert!(Instant::now() < deadline, "not reversed: {}", state(d, id));
         std::thread::sleep(Duration::from_millis(200));
     }
-    // A top-up through the restarted server reaches the card.
-    let out = rt.block_on(async {
-        let mut kiosk = sim::kiosk::Kiosk::sign_in(&posp, KIOSK, PSAM, &tmk)
-            .await
-            .unwrap();
-        kiosk.set_stan(50);
-        kiosk
-            .top_up(&mut card, &mut rng, &pan, "123456", 1_500)
-            .await
-            .unwrap()
-    });
-    assert_eq!(out.code, "00", "{out:?}");
-    let loaded = out.topup_id.unwrap();
-    assert_eq!(out.loads, vec![(loaded, "00".to_owned())]);
-    assert_eq!(card.balance_fen(), 1_500);
+    // A top-up through the restarted server reaches the card, by `onecard sim kiosk` with
+    // the card file.
+    std::fs::remove_file(d.join("c.card")).unwrap();
+    std::fs::write(d.join("c.card"), card.to_bytes().as_slice()).unwrap();
+    let (tmk_path, card_path) = (path("kiosk.tmk"), path("c.card"));
+    let kiosk = |more: &[&str]| {
+        let mut args = vec![
+            "sim",
+            "kiosk",
+            "--posp",
+            &posp,
+            "--terminal",
+            KIOSK,
+            "--psam",
+            PSAM,
+            "--tmk-file",
+            &tmk_path,
+            "--card",
+            &card_path,
+        ];
+        args.extend_from_slice(more);
+        ok(d, &args)
+    };
+    let out = kiosk(&[
+        "--pan",
+        &pan,
+        "--pin",
+        "123456",
+        "--amount-fen",
+        "1500",
+        "--trace",
+        "50",
+    ]);
+    assert!(out.contains("card balance 0 → 1500 fen"), "{out}");
+    let loaded: i64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("top-up ")?.split(':').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        out.contains(&format!("load of top-up {loaded}: 00")),
+        "{out}"
+    );
     assert_eq!(state(d, loaded), "loaded");
+    assert!(ok(d, &["card", "balance", "--file", &card_path]).contains("1500"));
+    let out = kiosk(&["--trace", "60"]);
+    assert!(
+        out.contains("card balance 1500 → 1500 fen"),
+        "nothing pending: {out}"
+    );
+    let out = onecard(
+        d,
+        &[
+            "sim",
+            "kiosk",
+            "--posp",
+            &posp,
+            "--terminal",
+            KIOSK,
+            "--psam",
+            PSAM,
+            "--tmk-file",
+            &tmk_path,
+            "--card",
+            &card_path,
+            "--pan",
+            &pan,
+            "--trace",
+            "70",
+        ],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("go together"),
+        "{}",
+        text(&out)
+    );
     server.kill().unwrap();
     let _ = server.wait();
 

@@ -113,7 +113,12 @@ impl Kiosk {
         format!("{:06}", self.stan)
     }
 
-    /// Sets the next trace (a kiosk that restarts carries on from where it was).
+    /// The last trace used.
+    pub fn trace(&self) -> u32 {
+        self.stan
+    }
+
+    /// Sets the last trace used (a kiosk that restarts carries on from where it was).
     pub fn set_stan(&mut self, stan: u32) {
         self.stan = stan;
     }
