@@ -1869,6 +1869,30 @@ async fn resolve_in_tx(
             ));
         }
     }
+    if action == Action::Credit
+        && let Some(id) = item.topup_id
+        && tx
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM bank_reversals WHERE topup_id = $1 AND state IN (0, 1){}",
+                    tx.for_update()
+                ),
+                params![id],
+            )
+            .await?
+            .is_some()
+    {
+        // Its reversal may be on its way to the bank: crediting now could leave the money
+        // on both sides. Once the reversal is acknowledged or given up on (manual), the
+        // item can be settled.
+        return Err(AppError::conflict(
+            "reversal_pending",
+            format!(
+                "top-up {id}'s reversal is still being sent to the bank; credit it once the \
+                 reversal is acknowledged (then run the day again) or in the manual queue"
+            ),
+        ));
+    }
     if action == Action::Reverse && topup_state == Some(state::LOADING) {
         return Err(AppError::conflict(
             "load_in_progress",
@@ -1968,9 +1992,15 @@ async fn resolve_in_tx(
             // pending load), and a reversal still waiting must not undo the bank's side.
             (Class::BankOnly, Action::Credit) => {
                 tx.execute(
-                    "UPDATE bank_topups SET state = $2, credit_transfer = $3, updated_at = $4 \
-                     WHERE id = $1",
-                    params![id, state::CREDITED, transfer_id.clone(), now.0],
+                    "UPDATE bank_topups SET state = $2, credit_transfer = $3, updated_at = $4, \
+                     load_deadline = $5 WHERE id = $1",
+                    params![
+                        id,
+                        state::CREDITED,
+                        transfer_id.clone(),
+                        now.0,
+                        now.0 + crate::topup::TopUpPolicy::default().pending_load_ms
+                    ],
                 )
                 .await?;
                 tx.execute(

@@ -407,6 +407,25 @@ pub async fn begin(
     request: TopUpRequest,
     queued: bool,
 ) -> AppResult<Begun> {
+    match begin_once(app, policy, request.clone(), queued).await {
+        // The same origin inserted by a request at the same moment (PostgreSQL: the second
+        // insert waits for the first and fails on the unique origin): answer from that one.
+        Err(AppError::Unexpected(e))
+            if format!("{e:#}").contains("duplicate key")
+                || format!("{e:#}").contains("UNIQUE constraint failed") =>
+        {
+            begin_once(app, policy, request, queued).await
+        }
+        other => other,
+    }
+}
+
+async fn begin_once(
+    app: &App,
+    policy: &TopUpPolicy,
+    request: TopUpRequest,
+    queued: bool,
+) -> AppResult<Begun> {
     if !(1..=policy.amount_fen_max).contains(&request.amount_fen) {
         return Err(AppError::invalid(
             "invalid_amount",
@@ -434,7 +453,22 @@ pub async fn begin(
                     )
                     .await?
                 {
-                    return Ok(Begun::Existing(from_row(&row)?));
+                    // The same origin must be the same request (invariant 3): another amount,
+                    // kind or bank card under it is a conflict, not the first answer.
+                    let existing = from_row(&row)?;
+                    if existing.amount_fen != request.amount_fen
+                        || existing.kind != request.kind
+                        || request.pan.as_ref().is_some_and(|p| *p != existing.pan)
+                    {
+                        return Err(AppError::conflict(
+                            "origin_reused",
+                            format!(
+                                "{} was used before for another top-up (id {}, {} fen)",
+                                request.origin, existing.id, existing.amount_fen
+                            ),
+                        ));
+                    }
+                    return Ok(Begun::Existing(existing));
                 }
                 let holder = match (&request.card_asn, &request.cardholder_number) {
                     (Some(asn), _) => {
@@ -711,25 +745,39 @@ async fn disarm(tx: &mut Tx<'_>, id: i64, state: i64, now: Timestamp) -> anyhow:
 }
 
 /// Makes the top-up's reversal due now, with `reason` (F39 of the 0400).
+/// Only a top-up still `requested` (or `approved`, its credit failed) becomes `reversing`: the
+/// state is checked by the update itself, so a recovery racing the answer's transaction on
+/// PostgreSQL cannot undo a credit that just committed. Returns whether it did.
 async fn due(
     tx: &mut Tx<'_>,
     id: i64,
     reason: &str,
     detail: &str,
     now: Timestamp,
-) -> anyhow::Result<()> {
-    tx.execute(
-        "UPDATE bank_topups SET state = $2, updated_at = $3 WHERE id = $1",
-        params![id, State::Reversing.code(), now.0],
-    )
-    .await?;
+) -> anyhow::Result<bool> {
+    let changed = tx
+        .execute(
+            "UPDATE bank_topups SET state = $2, updated_at = $3 WHERE id = $1 \
+             AND state IN ($4, $5)",
+            params![
+                id,
+                State::Reversing.code(),
+                now.0,
+                State::Requested.code(),
+                State::Approved.code()
+            ],
+        )
+        .await?;
+    if changed == 0 {
+        return Ok(false);
+    }
     tx.execute(
         "UPDATE bank_reversals SET state = 1, reason = $2, last_error = $3, next_at = $4, \
-         updated_at = $4 WHERE topup_id = $1",
+         updated_at = $4 WHERE topup_id = $1 AND state = 0",
         params![id, reason, detail, now.0],
     )
     .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// The top-up flows with their bank: kiosk top-ups, and the worker's rounds (queued
@@ -1074,6 +1122,14 @@ impl TopUps {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
+        // A refused, reversed or unresolved automatic top-up stops the rule until the next
+        // business day: the bank said no (or could not be reached), and asking again every
+        // round would only pile up refusals and use up the day's traces.
+        let stopped = [State::Refused, State::Reversed, State::Manual]
+            .iter()
+            .map(|s| s.code().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let rows = self
             .app
             .store()
@@ -1092,7 +1148,8 @@ impl TopUps {
                      WHERE r.enabled = 1 AND a.credits_posted - a.debits_posted < r.threshold_fen \
                      AND NOT EXISTS (SELECT 1 FROM bank_topups t \
                        WHERE t.cardholder_id = r.cardholder_id AND t.kind = 1 \
-                       AND t.state IN ({open})) \
+                       AND (t.state IN ({open}) \
+                         OR (t.requested_at >= $3 AND t.state IN ({stopped})))) \
                      ORDER BY r.cardholder_id LIMIT $2"
                 ),
                 params![
@@ -1163,17 +1220,21 @@ async fn recover(app: &App, policy: &TopUpPolicy) -> anyhow::Result<u64> {
                         params![State::Requested.code(), stale],
                     )
                     .await?;
+                let mut made = 0;
                 for r in &rows {
-                    due(
+                    if due(
                         tx,
                         r.int(0)?,
                         "98",
                         "no answer before the process stopped",
                         now,
                     )
-                    .await?;
+                    .await?
+                    {
+                        made += 1;
+                    }
                 }
-                Ok::<_, anyhow::Error>(rows.len() as u64)
+                Ok::<_, anyhow::Error>(made)
             })
         })
         .await
@@ -1286,7 +1347,8 @@ pub async fn pending_loads(app: &App, asn: &str) -> AppResult<Vec<TopUp>> {
             &format!(
                 "SELECT {COLUMNS} FROM bank_topups t JOIN cards c ON c.cardholder_id = \
                  t.cardholder_id WHERE c.asn = $1 AND c.status = $2 AND (t.state = $3 \
-                 OR (t.state = $4 AND t.load_card_id = c.id)) ORDER BY t.id LIMIT 16"
+                 OR (t.state = $4 AND t.load_card_id = c.id)) \
+                 ORDER BY CASE WHEN t.state = $4 THEN 0 ELSE 1 END, t.id LIMIT 16"
             ),
             params![
                 asn,
@@ -1346,6 +1408,25 @@ pub async fn authorise_load(
                         format!(
                             "top-up {id} loads {} fen, not {}",
                             t.amount_fen, load.amount_fen
+                        ),
+                    ));
+                }
+                // One load at a time per card: two MAC2s at the same online counter could be
+                // confirmed by one TAC.
+                if let Some(other) = tx
+                    .query_opt(
+                        "SELECT id FROM bank_topups WHERE load_card_id = $1 AND state = $2 \
+                         AND id <> $3",
+                        params![card_id, State::Loading.code(), id],
+                    )
+                    .await?
+                {
+                    return Err(AppError::conflict(
+                        "load_unconfirmed",
+                        format!(
+                            "card {asn} is still being written top-up {}: confirm or retry that \
+                             load first",
+                            other.int(0)?
                         ),
                     ));
                 }
@@ -1746,38 +1827,57 @@ pub async fn load_counter(app: &App, id: i64) -> anyhow::Result<Option<i64>> {
         .and_then(|r| r.opt_int(0).ok().flatten()))
 }
 
-/// A batch transfer file's key: the SHA-256 of its bytes, in hex (the origin of each line's
-/// top-up is `batch:<key>:<line>`, so the same file queued again queues nothing new).
-pub fn batch_key(text: &str) -> String {
+/// The SHA-256 of a batch file's bytes, in hex (kept in the audit log with the batch).
+pub fn batch_hash(text: &str) -> String {
     use sha2::Digest as _;
     crate::security::hex(&sha2::Sha256::digest(text.as_bytes())).to_lowercase()
 }
 
-/// Queues a batch transfer file (see [`parse_batch`]): every line becomes a queued top-up from
-/// the cardholder's bound bank card, sent by the link's worker. Audited once for the file.
-/// Lines that cannot be queued (no such cardholder, no binding) come back with their error;
-/// the others are queued. A file with a format error queues nothing.
+/// Longest batch id.
+pub const BATCH_ID_CHARS_MAX: usize = 64;
+
+/// Queues a batch transfer file (see [`parse_batch`]) under the sender's `batch_id` (its
+/// idempotency key): line n becomes the queued top-up `batch:<batch id>:<n>` from the
+/// cardholder's bound bank card, sent by the link's worker. The same batch id again queues
+/// nothing new; a line that changed under it is refused (`origin_reused`), never debited
+/// twice. Audited once for the file. Lines that cannot be queued (no such cardholder, no
+/// binding) come back with their error; the others are queued. A file with a format error
+/// queues nothing.
 pub async fn queue_batch(
     app: &App,
     actor: &Actor,
     policy: &TopUpPolicy,
+    batch_id: &str,
     text: &str,
-) -> AppResult<(String, Vec<(BatchLine, AppResult<TopUp>)>)> {
+) -> AppResult<Vec<(BatchLine, AppResult<TopUp>)>> {
     actor.require(Permission::BankResolve)?;
+    if batch_id.is_empty()
+        || batch_id.len() > BATCH_ID_CHARS_MAX
+        || !batch_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(AppError::invalid(
+            "invalid_batch_id",
+            format!(
+                "a batch id is 1 to {BATCH_ID_CHARS_MAX} letters, digits, '.', '_' or '-', not \
+                 {batch_id:?}"
+            ),
+        ));
+    }
     let lines = parse_batch(text).map_err(|errors| {
         AppError::invalid(
             "invalid_batch_file",
             format!("the batch file has errors:\n{}", errors.join("\n")),
         )
     })?;
-    let key = batch_key(text);
     let mut out = Vec::with_capacity(lines.len());
     for l in lines {
         let r = begin(
             app,
             policy,
             TopUpRequest {
-                origin: format!("batch:{key}:{}", l.line),
+                origin: format!("batch:{batch_id}:{}", l.line),
                 kind: Kind::Batch,
                 card_asn: None,
                 cardholder_number: Some(l.cardholder_number.clone()),
@@ -1799,11 +1899,11 @@ pub async fn queue_batch(
         .filter_map(|(_, r)| r.as_ref().ok())
         .fold((0, 0), |(n, s), t| (n + 1, s + t.amount_fen));
     let summary = serde_json::json!({
-        "lines": out.len(), "queued": queued, "total_fen": total,
+        "lines": out.len(), "queued": queued, "total_fen": total, "sha256": batch_hash(text),
     })
     .to_string();
     let actor = actor.clone();
-    let target = format!("batch:{key}");
+    let target = format!("batch:{batch_id}");
     app.store()
         .transaction(move |tx| {
             Box::pin(async move {
@@ -1812,17 +1912,17 @@ pub async fn queue_batch(
             })
         })
         .await?;
-    Ok((key, out))
+    Ok(out)
 }
 
-/// The top-ups of a batch file, by its key, in line order.
-pub async fn batch_status(app: &App, actor: &Actor, key: &str) -> AppResult<Vec<TopUp>> {
+/// The top-ups of a batch, by its id, in line order.
+pub async fn batch_status(app: &App, actor: &Actor, batch_id: &str) -> AppResult<Vec<TopUp>> {
     actor.require(Permission::BankRead)?;
     let rows = app
         .store()
         .query(
             &format!("SELECT {COLUMNS} FROM bank_topups t WHERE t.origin LIKE $1 ORDER BY t.id"),
-            params![format!("batch:{key}:%")],
+            params![format!("batch:{batch_id}:%")],
         )
         .await?;
     Ok(rows

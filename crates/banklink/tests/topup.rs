@@ -370,6 +370,22 @@ conformance! {
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(w.topup(id).await.state, State::Reversing);
         assert_eq!(w.bank.balance(&pan), Some(BALANCE - 3_000), "the bank kept it so far");
+        // Reconciliation sees the bank's side (bank-only), but must not credit the campus
+        // while the reversal may still reach the bank: the money would be on both sides.
+        let files = tempfile::tempdir().unwrap();
+        let day = w.topup(id).await.settle_date;
+        std::fs::write(
+            files.path().join(format!("BANK{BANK}{day}.txt")),
+            w.bank.reconciliation_file(BANK, &day),
+        )
+        .unwrap();
+        let run = app::reconcile::reconcile(&w.app, &Actor::cli(), BANK, &day, files.path()).await.unwrap();
+        assert_eq!(run.run.counts.bank_only, 1, "{run:?}");
+        let items = app::reconcile::items(&w.app, &Actor::cli(), &app::reconcile::ItemFilter {
+            bank_id: Some(BANK.into()), settle_date: Some(day.clone()), open_only: true, after: 0, limit: None,
+        }).await.unwrap();
+        let refused = app::reconcile::resolve(&w.app, &Actor::cli(), items[0].id, app::reconcile::Action::Credit, None).await;
+        assert_eq!(refused.unwrap_err().code(), "reversal_pending");
 
         // The campus side stops (front end, link, worker) and starts again on the same
         // database: the journal holds the reversal.
@@ -535,8 +551,23 @@ conformance! {
         // Above the threshold now: nothing; with a higher threshold, the cap stops it.
         assert_eq!(w.topups.auto_scan().await.unwrap(), 0);
         let higher = app::topup::AutoRule { threshold_fen: 5_000, ..rule };
+        let higher_rule = higher.clone();
         app::topup::set_rule(&w.app, &Actor::cli(), &other, higher, w.topups.policy()).await.unwrap();
         assert_eq!(w.topups.auto_scan().await.unwrap(), 0, "2,000 + 2,000 is over the 3,000 cap");
+        // A rule whose transfer the bank refuses stops for the day instead of asking again
+        // every round.
+        let refusing = app::topup::AutoRule { threshold_fen: 100_000, amount_fen: 100, daily_cap_fen: 10_000, ..higher_rule.clone() };
+        app::topup::set_rule(&w.app, &Actor::cli(), &number, refusing, w.topups.policy()).await.unwrap();
+        w.bank.set_fault_times(BankFault::Decline("51".into()), 1);
+        assert_eq!(w.topups.auto_scan().await.unwrap(), 1);
+        w.topups.send_queued(1).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(w.topups.auto_scan().await.unwrap(), 0, "refused today: no new transfer");
+        }
+        // The same origin with another amount is a conflict, never the first answer.
+        let again = TopUpRequest { amount_fen: 999, ..queue("b:1", 1_000) };
+        let e = app::topup::begin(&w.app, w.topups.policy(), again, true).await.unwrap_err();
+        assert_eq!(e.code(), "origin_reused");
         // (Last: a second campus side signs in to the bank anew, as a restart would.)
         // A pending load past its deadline is returned: it stays on the online account.
         let short = TopUpPolicy { pending_load_ms: 1, ..policy() };

@@ -46,9 +46,13 @@ pub enum TopUpCommand {
     /// Queue a batch transfer file (CSV `cardholder_number,amount_fen`): each line a top-up
     /// from the cardholder's bound bank card, sent by `onecard serve`'s bank link, then
     /// written to the card at its next tap. Shows the progress and writes a result line per
-    /// input line. Queuing the same file again queues nothing new.
+    /// input line. The same --batch-id again queues nothing new (a line changed under it is
+    /// refused, never debited twice); a new file needs a new batch id.
     Batch {
         file: PathBuf,
+        /// Your id for this batch (its idempotency key), e.g. `subsidy-2026-11`.
+        #[arg(long)]
+        batch_id: String,
         /// The result file (CSV), not overwritten if it exists.
         #[arg(long)]
         out: PathBuf,
@@ -161,7 +165,12 @@ pub async fn topup_command(
                 t.state.name()
             );
         }
-        TopUpCommand::Batch { file, out, wait_s } => batch(app, policy, file, out, wait_s).await?,
+        TopUpCommand::Batch {
+            file,
+            batch_id,
+            out,
+            wait_s,
+        } => batch(app, policy, file, &batch_id, out, wait_s).await?,
         TopUpCommand::Rule {
             cardholder,
             threshold_fen,
@@ -203,6 +212,7 @@ async fn batch(
     app: &App,
     policy: &topup::TopUpPolicy,
     file: PathBuf,
+    batch_id: &str,
     out: PathBuf,
     wait_s: u64,
 ) -> anyhow::Result<()> {
@@ -222,7 +232,7 @@ async fn batch(
                 out.display()
             )
         })?;
-    let (key, lines) = match topup::queue_batch(app, &a, policy, &text).await {
+    let lines = match topup::queue_batch(app, &a, policy, batch_id, &text).await {
         Ok(x) => x,
         Err(err) => {
             drop(result);
@@ -247,7 +257,7 @@ async fn batch(
     let mut last = 0;
     let mut last_change = std::time::Instant::now();
     let status = loop {
-        let status = topup::batch_status(app, &a, &key)
+        let status = topup::batch_status(app, &a, batch_id)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let done = status.iter().filter(|t| t.state.settled()).count() as u64;

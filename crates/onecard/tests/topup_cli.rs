@@ -275,6 +275,67 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
         out.contains("card balance 1500 → 1500 fen"),
         "nothing pending: {out}"
     );
+
+    // A batch transfer file: queued, sent by the server's worker, a result line per line.
+    std::fs::write(
+        d.join("batch.csv"),
+        "cardholder_number,amount_fen\n2026001,700\n2026999,100\n",
+    )
+    .unwrap();
+    let batch = |id: &str, out: &str| {
+        onecard(
+            d,
+            &[
+                "topup",
+                "batch",
+                &path("batch.csv"),
+                "--batch-id",
+                id,
+                "--out",
+                &path(out),
+                "--wait-s",
+                "30",
+            ],
+        )
+    };
+    let o = batch("nov-1", "r1.csv");
+    assert!(o.status.success(), "{}", text(&o));
+    let result = std::fs::read_to_string(d.join("r1.csv")).unwrap();
+    let lines: Vec<&str> = result.lines().collect();
+    assert_eq!(
+        lines[0],
+        "line,cardholder_number,amount_fen,topup_id,state,code,message"
+    );
+    assert!(
+        lines[1].starts_with("2,2026001,700,") && lines[1].contains(",credited,00,"),
+        "{result}"
+    );
+    assert!(
+        lines[2].starts_with("3,2026999,100,,not queued,not_found,"),
+        "{result}"
+    );
+    // The same batch again queues nothing new; a line changed under its id is refused.
+    assert!(batch("nov-1", "r2.csv").status.success());
+    assert_eq!(
+        std::fs::read_to_string(d.join("r2.csv"))
+            .unwrap()
+            .lines()
+            .nth(1),
+        Some(lines[1]),
+        "the same top-up, not a second one"
+    );
+    std::fs::write(
+        d.join("batch.csv"),
+        "cardholder_number,amount_fen\n2026001,900\n",
+    )
+    .unwrap();
+    let o = batch("nov-1", "r3.csv");
+    let r3 = std::fs::read_to_string(d.join("r3.csv")).unwrap();
+    assert!(r3.contains("origin_reused"), "{}{r3}", text(&o));
+    assert!(!o.status.success() || r3.contains("not queued"), "{r3}");
+    // The credited batch line is a pending load, written at the next tap.
+    let out = kiosk(&["--trace", "70"]);
+    assert!(out.contains("card balance 1500 → 2200 fen"), "{out}");
     let out = onecard(
         d,
         &[
@@ -293,7 +354,7 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
             "--pan",
             &pan,
             "--trace",
-            "70",
+            "90",
         ],
     );
     assert!(
@@ -320,17 +381,17 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
     let day = shown["settle_date"].as_str().unwrap().to_owned();
     let file = std::fs::read_to_string(files.join(format!("BANK{BANK}{day}.txt"))).unwrap();
     let lines: Vec<&str> = file.lines().collect();
-    assert_eq!(lines.len(), 4, "{file}");
+    assert_eq!(lines.len(), 5, "{file}");
     assert!(
-        lines[0].starts_with(&format!("H|{BANK}|{day}|2|1500")),
+        lines[0].starts_with(&format!("H|{BANK}|{day}|3|2200")),
         "{file}"
     );
     assert!(lines[1].contains("|3000|LOAD|"), "{file}");
     assert!(
-        lines[1].ends_with("|REVERSED") && lines[2].ends_with("|OK"),
+        lines[1].ends_with("|REVERSED") && lines[2].ends_with("|OK") && lines[3].ends_with("|OK"),
         "{file}"
     );
-    assert_eq!(lines[3], "T|2|1500");
+    assert_eq!(lines[4], "T|3|2200");
     // Reconciled with the file (from the bank's reconciliation_dir): both sides agree.
     let run: serde_json::Value = serde_json::from_str(&ok(
         d,
@@ -347,7 +408,7 @@ fn a_kiosk_top_up_whose_reversal_outlives_a_crash_of_the_server() {
         ],
     ))
     .unwrap();
-    assert_eq!(run["run"]["counts"]["matched"], 2, "{run}");
+    assert_eq!(run["run"]["counts"]["matched"], 3, "{run}");
     // The server signed off at the agreed time (00:00, so at once) and reconciled the day by
     // itself from the file the bank wrote then: this run is not the first.
     assert!(run["run"]["runs"].as_i64().unwrap() >= 2, "{run}");

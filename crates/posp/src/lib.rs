@@ -1112,7 +1112,7 @@ fn kiosk_code(e: &app::AppError) -> &'static str {
         "not_found" => "25",
         "mac1_wrong" | "tac_wrong" => "05",
         "insufficient_balance" => "51",
-        "load_unconfirmed" => "94",
+        "load_unconfirmed" | "origin_reused" => "94",
         "topup_state" => "12",
         _ => "96",
     }
