@@ -214,6 +214,8 @@ pub struct BankTransfer {
     pub stan: String,
     /// F48: the cardholder's online account number.
     pub campus_account: String,
+    /// Whether the cardholder entered a PIN (a kiosk): F22 of the transfer and its reversal.
+    pub with_pin: bool,
 }
 
 impl std::fmt::Debug for BankTransfer {
@@ -278,8 +280,8 @@ pub trait BankPort: Send + Sync {
     ) -> BoxFuture<'a, ReversalReply>;
 }
 
-/// One top-up.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// One top-up. `Debug` shows the bank card masked, like the API and the CLI.
+#[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct TopUp {
     pub id: i64,
     pub origin: String,
@@ -306,6 +308,24 @@ pub struct TopUp {
     pub updated_at_ms: i64,
 }
 
+impl std::fmt::Debug for TopUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopUp")
+            .field("id", &self.id)
+            .field("origin", &self.origin)
+            .field("kind", &self.kind)
+            .field("state", &self.state)
+            .field("bank_id", &self.bank_id)
+            .field("serial", &self.campus_serial())
+            .field("pan", &self.pan_masked)
+            .field("cardholder_id", &self.cardholder_id)
+            .field("amount_fen", &self.amount_fen)
+            .field("bank_code", &self.bank_code)
+            .field("settle_date", &self.settle_date)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TopUp {
     /// The serial the bank knows it by: batch ‖ trace.
     pub fn campus_serial(&self) -> String {
@@ -320,6 +340,7 @@ impl TopUp {
             batch: self.batch.clone(),
             stan: self.stan.clone(),
             campus_account: campus_account.to_string(),
+            with_pin: self.kind == Kind::Kiosk,
         }
     }
 }
@@ -368,8 +389,8 @@ async fn row_by_id(tx: &mut Tx<'_>, id: i64, lock: bool) -> AppResult<TopUp> {
     Ok(from_row(&row)?)
 }
 
-/// A request for a top-up.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A request for a top-up. `Debug` shows the bank card masked.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TopUpRequest {
     /// The idempotency key: the same origin gets the same top-up.
     pub origin: String,
@@ -381,6 +402,19 @@ pub struct TopUpRequest {
     pub pan: Option<String>,
     pub amount_fen: i64,
     pub terminal_no: Option<String>,
+}
+
+impl std::fmt::Debug for TopUpRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopUpRequest")
+            .field("origin", &self.origin)
+            .field("kind", &self.kind)
+            .field("card_asn", &self.card_asn)
+            .field("cardholder_number", &self.cardholder_number)
+            .field("pan", &self.pan.as_deref().map(mask_pan))
+            .field("amount_fen", &self.amount_fen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`begin`] found or made.

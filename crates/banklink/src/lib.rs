@@ -1,22 +1,25 @@
-//! The bank link (圈存 front end): onecard's side of the ISO 8583 connection to one bank.
+//! The bank link (圈存 front end): onecard's side of the ISO 8583 connection to a bank.
 //!
-//! First slice of the bank top-up issue. Built so far:
-//! - [`BankLink`]: one TCP connection to a bank in the CUPS POS dialect with its "ECB" MAC,
-//!   one request at a time (a bank's own profile and MAC algorithm, set per bank, come with
-//!   the next slice);
+//! - [`BankLink`]: one TCP connection to a bank in its profile (the CUPS POS dialect, or the
+//!   bank's own TOML profile, which also names the MAC algorithm: CUPS ECB, X9.9, X9.19), one
+//!   request at a time;
 //! - daily sign-in (0800, 60.3 `003`): the bank sends a PIN key and a MAC key under the bank
 //!   master key (BMK) in F62; the security module checks both check values and keeps them
 //!   ([`app::security::BankSession`]); a mismatch refuses the sign-in;
 //! - echo (0820 / `301`) and sign-off (0820 / `002`);
 //! - a transfer from bank to campus (0200, 60.1 `40`, F3 `400000`; PAN in F2, the PIN block
-//!   under the bank's PIN key in F52, the campus account in F48) and its reversal (0400 with
-//!   F61 = original batch and trace), both MACed, answers' MACs checked;
+//!   under the bank's PIN key in F52 with F22 `021`, or no PIN with F22 `012` under the
+//!   cardholder's standing authorisation; the campus account in F48) and its reversal (0400
+//!   with F61 = original batch and trace, F22 as the original), both MACed, answers' MACs
+//!   checked; only the answer to the request is taken, and [`LinkError`] says whether a
+//!   failed request may have reached the bank;
 //! - [`BankCode`]: every F39 a bank may send, mapped by one exhaustive match to the small set
-//!   the top-up flows act on.
+//!   the top-up flows act on;
+//! - [`Banks`] (`service.rs`): the configured banks as `app::topup::BankPort`, a pool of links
+//!   per bank sharing one daily session, the daily sign-off at the agreed time.
 //!
-//! Not yet (the rest of the issue): the reversal journal (written before the transfer is
-//! sent, retried with backoff, manual queue), the top-up flows and their states, bank
-//! bindings, reconciliation, and the bank simulator's fault injection.
+//! The reversal journal, the top-up states and reconciliation live in `app` (`topup.rs`,
+//! `reconcile.rs`); docs/bank.md is the reference.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +49,7 @@ pub enum BankCode {
     PinLocked,
     /// The bank card cannot be used (`04`, `14`, `15`, `33`, `36`, `41`, `43`, `54`, `62`).
     CardRefused,
-    /// Over a limit (`13`, `61`, `65`).
+    /// Over a limit (`61`, `65`).
     OverLimit,
     /// `25`: no such original (a reversal closes on it).
     OriginalNotFound,
@@ -147,6 +150,8 @@ pub struct BankAnswer {
     pub reference: Option<String>,
     /// F15 (`MMDD`): the bank's settlement date.
     pub settle_date: Option<String>,
+    /// Whether the answer carried a good MAC.
+    pub maced: bool,
 }
 
 /// One bank's link settings.
@@ -353,7 +358,14 @@ impl BankLink {
             .with(2, original.pan.clone())
             .with(3, "400000")
             .with(4, format!("{:012}", original.amount_fen))
-            .with(22, "021")
+            .with(
+                22,
+                if original.pin_block.is_some() {
+                    "021"
+                } else {
+                    "012"
+                },
+            )
             .with(25, "00")
             .with(39, reason.to_owned())
             .with(49, "156")
@@ -377,6 +389,7 @@ impl BankLink {
             auth_code: m.text(38).map(str::to_owned),
             reference: m.text(37).map(str::to_owned),
             settle_date: m.text(15).map(str::to_owned),
+            maced,
         }
     }
 

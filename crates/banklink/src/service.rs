@@ -240,7 +240,9 @@ impl Banks {
                 }
                 BankCode::Duplicate | BankCode::OriginalNotFound | BankCode::Unknown => {
                     BankReply::Unknown {
-                        reason: if a.f39 == "98" || a.f39 == "68" {
+                        reason: if !a.maced {
+                            "A0".into()
+                        } else if a.f39 == "98" || a.f39 == "68" {
                             "98".into()
                         } else {
                             "06".into()
@@ -271,7 +273,8 @@ impl Banks {
             amount_fen: t.amount_fen,
             stan: t.stan.clone(),
             batch: t.batch.clone(),
-            pin_block: None,
+            // Only F22 of the original is repeated: whether a PIN was entered.
+            pin_block: t.with_pin.then_some([0; 8]),
             campus_account: t.campus_account.clone(),
         };
         let result = taken.link.reverse(&original, reason).await;

@@ -1197,8 +1197,7 @@ pub struct TopUpArgs {
 
 /// `onecard bench topup`: kiosks top up their cards end to end, each top-up the whole flow
 /// over TCP: the kiosk's 0200 to the front end, the bank link's transfer to the bank
-/// simulator (PIN translated in the security module), the credit, the pending-load inquiry,
-/// INITIALIZE FOR LOAD on the software card, the MAC2 under a hold, CREDIT FOR LOAD and the
+/// simulator (PIN translated in the security module), the credit, INITIALIZE FOR LOAD on the software card, the MAC2 under a hold, CREDIT FOR LOAD and the
 /// TAC confirmation. Timed from the first request to the last confirmation; afterwards every
 /// card must hold what it was loaded, the bank must have debited the same, and db-check must
 /// pass.
