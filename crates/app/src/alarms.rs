@@ -90,3 +90,60 @@ pub async fn list(app: &App, actor: &Actor, open_only: bool) -> AppResult<Vec<Al
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(Into::into)
 }
+
+/// An operator clears an alarm once its cause is dealt with (the note says how); audited.
+pub async fn acknowledge(app: &App, actor: &Actor, id: i64, note: &str) -> AppResult<Alarm> {
+    actor.require(Permission::BankResolve)?;
+    let note = note.trim().to_owned();
+    if note.is_empty() || note.chars().count() > 500 {
+        return Err(crate::AppError::invalid(
+            "invalid_note",
+            "clearing an alarm needs a note of 1 to 500 characters saying what was done",
+        ));
+    }
+    let now = app.now();
+    let actor = actor.clone();
+    app.store()
+        .transaction(move |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        "SELECT id, kind, subject, message, raised_at, cleared_at FROM alarms \
+                         WHERE id = $1",
+                        params![id],
+                    )
+                    .await?
+                    .ok_or_else(|| crate::AppError::not_found(format!("no alarm {id}")))?;
+                if row.opt_int(5)?.is_some() {
+                    return Err(crate::AppError::conflict(
+                        "alarm_cleared",
+                        format!("alarm {id} is cleared already"),
+                    ));
+                }
+                tx.execute(
+                    "UPDATE alarms SET cleared_at = $2 WHERE id = $1",
+                    params![id, now.0],
+                )
+                .await?;
+                crate::audit::append(
+                    tx,
+                    &actor,
+                    now.0,
+                    "alarm.clear",
+                    &format!("alarm:{id}"),
+                    &serde_json::json!({ "kind": row.text(1)?, "subject": row.text(2)?, "note": note })
+                        .to_string(),
+                )
+                .await?;
+                Ok(Alarm {
+                    id,
+                    kind: row.text(1)?,
+                    subject: row.text(2)?,
+                    message: row.text(3)?,
+                    raised_at_ms: row.int(4)?,
+                    cleared_at_ms: Some(now.0),
+                })
+            })
+        })
+        .await
+}

@@ -444,6 +444,13 @@ conformance! {
         let alarms = app::alarms::list(&w.app, &Actor::cli(), true).await.unwrap();
         assert!(alarms.iter().any(|a| a.kind == app::alarms::BANK_REVERSAL_UNRESOLVED
             && a.subject == format!("topup:{id}")), "{alarms:?}");
+        // An operator may clear an alarm with a note saying what was done (audited).
+        let alarm = alarms.iter().find(|a| a.subject == format!("topup:{id}")).unwrap().id;
+        let e = app::alarms::acknowledge(&w.app, &Actor::cli(), alarm, " ").await.unwrap_err();
+        assert_eq!(e.code(), "invalid_note");
+        app::alarms::acknowledge(&w.app, &Actor::cli(), alarm, "called the bank").await.unwrap();
+        let e = app::alarms::acknowledge(&w.app, &Actor::cli(), alarm, "again").await.unwrap_err();
+        assert_eq!(e.code(), "alarm_cleared");
         w.bank.set_reversal_fault(None);
         app::topup::retry(&w.app, &Actor::cli(), id).await.unwrap();
         w.settle_reversals().await;

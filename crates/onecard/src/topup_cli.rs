@@ -333,10 +333,23 @@ pub enum AlarmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Clear an open alarm once its cause is dealt with (audited with the note).
+    Clear {
+        id: i64,
+        /// What was done about it.
+        #[arg(long)]
+        note: String,
+    },
 }
 
 pub async fn alarm_command(app: &App, cmd: AlarmCommand) -> anyhow::Result<()> {
     match cmd {
+        AlarmCommand::Clear { id, note } => {
+            let a = alarms::acknowledge(app, &Actor::cli(), id, &note)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("alarm {} ({} {}) cleared", a.id, a.kind, a.subject);
+        }
         AlarmCommand::List { all, json } => {
             let list = alarms::list(app, &Actor::cli(), !all)
                 .await
