@@ -28,6 +28,9 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::{BankCode, BankConfig, BankLink, LinkError, TransferRequest};
 
+/// Seconds a link may wait unused before it is closed rather than used again.
+pub const IDLE_LINK_S_MAX: u64 = 30;
+
 /// One bank's settings (`[[bank]]` in the configuration).
 #[derive(Clone, Debug)]
 pub struct BankSettings {
@@ -47,7 +50,8 @@ type DaySession = (Arc<BankSession>, Instant, String, String);
 struct Bank {
     settings: BankSettings,
     module: Arc<dyn SecurityModule>,
-    idle: std::sync::Mutex<Vec<BankLink>>,
+    /// Links waiting for a request, with the moment each was last used.
+    idle: std::sync::Mutex<Vec<(BankLink, Instant)>>,
     slots: Arc<Semaphore>,
     session: Mutex<Option<DaySession>>,
     /// The business day the link last signed off on.
@@ -127,7 +131,17 @@ impl Banks {
             .acquire_owned()
             .await
             .map_err(|_| "the bank's pool is closed".to_owned())?;
-        let idle = bank.idle.lock().expect("idle links").pop();
+        // A link idle for long may have been closed by the bank (or a firewall) meanwhile:
+        // a request on it would get no answer and have to be reversed. It is dropped and a
+        // new connection made instead.
+        let idle = loop {
+            match bank.idle.lock().expect("idle links").pop() {
+                Some((l, at)) if at.elapsed() > std::time::Duration::from_secs(IDLE_LINK_S_MAX) => {
+                    drop(l);
+                }
+                other => break other.map(|(l, _)| l),
+            }
+        };
         let mut link = match idle {
             Some(l) => l,
             None => BankLink::connect(bank.settings.link.clone(), bank.module.clone())
@@ -170,7 +184,10 @@ impl Banks {
 
     fn put_back(bank: &Bank, taken: Taken) {
         if !taken.link.is_broken() {
-            bank.idle.lock().expect("idle links").push(taken.link);
+            bank.idle
+                .lock()
+                .expect("idle links")
+                .push((taken.link, Instant::now()));
         }
     }
 
