@@ -22,6 +22,7 @@ pub enum ReconcileCommand {
     /// Reconcile a bank's settlement day with its file BANK<bank><YYYYMMDD>.txt in --dir.
     /// Running a day again recomputes it; resolved items stay.
     Run {
+        /// The bank's institution code (`[[bank]] id`).
         #[arg(long)]
         bank: String,
         /// The settlement date, YYYY-MM-DD or YYYYMMDD.
@@ -63,9 +64,12 @@ pub enum ReconcileCommand {
     /// Resolve an open item: credit (the bank holds the money), reverse (take a campus credit
     /// back) or write-off (to or from the suspense account; needs --reason).
     Resolve {
+        /// The item's id (`onecard reconcile items --open` lists them).
         item: i64,
+        /// credit, reverse or write-off.
         #[arg(long, value_parser = parse_action)]
         action: Action,
+        /// Why (required for write-off; kept in the audit log).
         #[arg(long)]
         reason: Option<String>,
         #[arg(long)]

@@ -30,6 +30,7 @@ pub enum TopUpCommand {
         /// Only this cardholder's (their number).
         #[arg(long)]
         cardholder: Option<String>,
+        /// At most this many (1 to 1000).
         #[arg(long, default_value_t = 50)]
         limit: i64,
         #[arg(long)]
@@ -66,10 +67,13 @@ pub enum TopUpCommand {
     Rule {
         /// The cardholder's number.
         cardholder: String,
+        /// Top up when the card's purse holds less than this.
         #[arg(long)]
         threshold_fen: i64,
+        /// How much each automatic top-up takes from the bank card.
         #[arg(long)]
         amount_fen: i64,
+        /// The most automatic top-ups may take in a business day.
         #[arg(long)]
         daily_cap_fen: i64,
         /// The reference of the signed authorisation (form number, date).
