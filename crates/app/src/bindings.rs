@@ -701,35 +701,19 @@ fn parse_card_file(bytes: &[u8], report: &mut CardImportReport) -> AppResult<Vec
     let text = csv_input::decode(bytes, CARD_FILE_BYTES_MAX)?;
     let mut reader = csv_input::reader(text);
     let (index, columns) = csv_input::columns(&mut reader, &CARD_FILE_COLUMNS, &[])?;
-    let mut lines = csv_input::Lines::new(text);
     let mut rows = Vec::new();
     let mut holders_seen: HashMap<String, u64> = HashMap::new();
     let mut pans_seen: HashMap<Pan, u64> = HashMap::new();
-    for record in reader.records() {
-        report.rows += 1;
-        if report.rows > CARD_FILE_ROWS_MAX {
-            return Err(AppError::invalid(
-                "import_too_large",
-                format!("the file has more than {CARD_FILE_ROWS_MAX} rows"),
-            ));
-        }
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| lines.of(p.byte()));
-                report.errors.push(RowError {
-                    line,
-                    number: None,
-                    message: format!("not a CSV row: {e}"),
-                });
-                continue;
-            }
-        };
-        let line = record.position().map_or(0, |p| lines.of(p.byte()));
-        if record.iter().all(str::is_empty) {
-            report.rows -= 1; // a blank line is not a row
-            continue;
-        }
+    let records = csv_input::rows(
+        text,
+        &mut reader,
+        columns,
+        index.get("cardholder_number").copied(),
+        CARD_FILE_ROWS_MAX,
+        &mut report.rows,
+        &mut report.errors,
+    )?;
+    for (line, record) in records {
         let field = |name: &str| index.get(name).and_then(|&i| record.get(i)).unwrap_or("");
         let number = field("cardholder_number").to_owned();
         let mut fail = |message: String| {
@@ -739,10 +723,6 @@ fn parse_card_file(bytes: &[u8], report: &mut CardImportReport) -> AppResult<Vec
                 message,
             });
         };
-        if record.len() != columns {
-            fail(format!("{} fields; the header has {columns}", record.len()));
-            continue;
-        }
         if number.is_empty() {
             fail("cardholder_number is empty".into());
             continue;

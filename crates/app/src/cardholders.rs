@@ -559,32 +559,16 @@ fn parse_csv(bytes: &[u8], report: &mut ImportReport) -> AppResult<Vec<ParsedRow
     let (index, columns) = csv_input::columns(&mut reader, &REQUIRED_COLUMNS, &OPTIONAL_COLUMNS)?;
     let mut rows = Vec::new();
     let mut seen: HashMap<String, u64> = HashMap::new();
-    let mut lines = csv_input::Lines::new(text);
-    for record in reader.records() {
-        report.rows += 1;
-        if report.rows > IMPORT_ROWS_MAX {
-            return Err(AppError::invalid(
-                "import_too_large",
-                format!("the file has more than {IMPORT_ROWS_MAX} rows"),
-            ));
-        }
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| lines.of(p.byte()));
-                report.errors.push(RowError {
-                    line,
-                    number: None,
-                    message: format!("not a CSV row: {e}"),
-                });
-                continue;
-            }
-        };
-        let line = record.position().map_or(0, |p| lines.of(p.byte()));
-        if record.iter().all(str::is_empty) {
-            report.rows -= 1; // a blank line is not a row
-            continue;
-        }
+    let records = csv_input::rows(
+        text,
+        &mut reader,
+        columns,
+        index.get("number").copied(),
+        IMPORT_ROWS_MAX,
+        &mut report.rows,
+        &mut report.errors,
+    )?;
+    for (line, record) in records {
         let field = |name: &str| index.get(name).and_then(|&i| record.get(i)).unwrap_or("");
         let number = field("number").to_owned();
         let fail = |message: String, report: &mut ImportReport| {
@@ -594,13 +578,6 @@ fn parse_csv(bytes: &[u8], report: &mut ImportReport) -> AppResult<Vec<ParsedRow
                 message,
             });
         };
-        if record.len() != columns {
-            fail(
-                format!("{} fields; the header has {columns}", record.len()),
-                report,
-            );
-            continue;
-        }
         let kind = match CardholderKind::parse(field("kind")) {
             Ok(k) => k,
             Err(m) => {

@@ -118,3 +118,60 @@ impl<'a> Lines<'a> {
         self.line_at
     }
 }
+
+/// The data rows after the header, each with the line it starts on: a row that is not CSV
+/// becomes an error of its line, blank lines are skipped, a row whose field count differs
+/// from the header's is an error of its line, and more than `rows_max` rows refuse the file.
+/// `counted` is the number of rows read (blank lines not counted); `number_column` names the
+/// column whose value errors carry.
+pub(crate) fn rows(
+    text: &str,
+    reader: &mut csv::Reader<&[u8]>,
+    columns: usize,
+    number_column: Option<usize>,
+    rows_max: usize,
+    counted: &mut usize,
+    errors: &mut Vec<crate::cardholders::RowError>,
+) -> AppResult<Vec<(u64, csv::StringRecord)>> {
+    let mut lines = Lines::new(text);
+    let mut out = Vec::new();
+    for record in reader.records() {
+        *counted += 1;
+        if *counted > rows_max {
+            return Err(AppError::invalid(
+                "import_too_large",
+                format!("the file has more than {rows_max} rows"),
+            ));
+        }
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| lines.of(p.byte()));
+                errors.push(crate::cardholders::RowError {
+                    line,
+                    number: None,
+                    message: format!("not a CSV row: {e}"),
+                });
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| lines.of(p.byte()));
+        if record.iter().all(str::is_empty) {
+            *counted -= 1; // a blank line is not a row
+            continue;
+        }
+        if record.len() != columns {
+            errors.push(crate::cardholders::RowError {
+                line,
+                number: number_column
+                    .and_then(|i| record.get(i))
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned),
+                message: format!("{} fields; the header has {columns}", record.len()),
+            });
+            continue;
+        }
+        out.push((line, record));
+    }
+    Ok(out)
+}

@@ -1804,40 +1804,52 @@ pub struct BatchLine {
     pub amount_fen: i64,
 }
 
-/// Parses a batch transfer file: CSV with the header `cardholder_number,amount_fen`. Every
-/// line's error is reported with its line number; nothing is queued if any line is wrong.
+/// Largest batch transfer file, and most lines in one.
+pub const BATCH_FILE_BYTES_MAX: usize = 16 << 20;
+pub const BATCH_ROWS_MAX: usize = 100_000;
+
+/// Parses a batch transfer file with the import rules of the card desk (`csv_input`: UTF-8,
+/// BOM tolerated, the header `cardholder_number,amount_fen` in any order, quoting, line
+/// numbers counted from the header). Every line's error is reported with its line number;
+/// nothing is queued if any line is wrong.
 pub fn parse_batch(text: &str) -> Result<Vec<BatchLine>, Vec<String>> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut errors = Vec::new();
-    let mut lines = Vec::new();
-    let mut rows = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    match rows.next() {
-        Some((_, h)) if h.trim() == "cardholder_number,amount_fen" => {}
-        Some((i, h)) => errors.push(format!(
-            "line {}: the header must be `cardholder_number,amount_fen`, not {h:?}",
-            i + 1
-        )),
-        None => errors.push("the file is empty: no header".into()),
-    }
-    for (i, l) in rows {
-        let n = i + 1;
-        let fields: Vec<&str> = l.split(',').map(str::trim).collect();
-        match fields.as_slice() {
-            [number, amount] if !number.is_empty() => match amount.parse::<i64>() {
-                Ok(a) if a > 0 => lines.push(BatchLine {
-                    line: n,
-                    cardholder_number: (*number).to_owned(),
-                    amount_fen: a,
-                }),
-                _ => errors.push(format!(
-                    "line {n}: amount {amount:?} is not a whole number of fen above 0"
-                )),
-            },
+    let whole = |e: AppError| vec![e.to_string()];
+    let text = crate::csv_input::decode(text.as_bytes(), BATCH_FILE_BYTES_MAX).map_err(whole)?;
+    let mut reader = crate::csv_input::reader(text);
+    let (index, columns) =
+        crate::csv_input::columns(&mut reader, &["cardholder_number", "amount_fen"], &[])
+            .map_err(whole)?;
+    let (mut counted, mut row_errors) = (0, Vec::new());
+    let records = crate::csv_input::rows(
+        text,
+        &mut reader,
+        columns,
+        index.get("cardholder_number").copied(),
+        BATCH_ROWS_MAX,
+        &mut counted,
+        &mut row_errors,
+    )
+    .map_err(whole)?;
+    let mut errors: Vec<String> = row_errors
+        .iter()
+        .map(|e| format!("line {}: {}", e.line, e.message))
+        .collect();
+    let mut lines = Vec::with_capacity(records.len());
+    for (line, record) in records {
+        let field = |name: &str| index.get(name).and_then(|&i| record.get(i)).unwrap_or("");
+        let (number, amount) = (field("cardholder_number"), field("amount_fen"));
+        if number.is_empty() {
+            errors.push(format!("line {line}: cardholder_number is empty"));
+            continue;
+        }
+        match amount.parse::<i64>() {
+            Ok(a) if a > 0 => lines.push(BatchLine {
+                line: line as usize,
+                cardholder_number: number.to_owned(),
+                amount_fen: a,
+            }),
             _ => errors.push(format!(
-                "line {n}: expected `cardholder_number,amount_fen`, found {l:?}"
+                "line {line}: amount {amount:?} is not a whole number of fen above 0"
             )),
         }
     }
@@ -1846,19 +1858,6 @@ pub fn parse_batch(text: &str) -> Result<Vec<BatchLine>, Vec<String>> {
     } else {
         Err(errors)
     }
-}
-
-/// The online counter a top-up being written was given its MAC2 with (`None` if no MAC2 is
-/// out): a terminal compares it with the card's to know whether the card took that load.
-pub async fn load_counter(app: &App, id: i64) -> anyhow::Result<Option<i64>> {
-    Ok(app
-        .store()
-        .query_opt(
-            "SELECT load_counter FROM bank_topups WHERE id = $1 AND state = $2",
-            params![id, State::Loading.code()],
-        )
-        .await?
-        .and_then(|r| r.opt_int(0).ok().flatten()))
 }
 
 /// The SHA-256 of a batch file's bytes, in hex (kept in the audit log with the batch).
@@ -1972,5 +1971,39 @@ impl State {
             self,
             State::Queued | State::Requested | State::Approved | State::Reversing
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_files_follow_the_import_rules_and_name_the_line_of_each_error() {
+        let ok =
+            parse_batch("\u{feff}amount_fen,cardholder_number\n700,\"2026001\"\n\n100,2026002\n")
+                .unwrap();
+        assert_eq!(
+            ok.iter()
+                .map(|l| (l.line, l.cardholder_number.as_str(), l.amount_fen))
+                .collect::<Vec<_>>(),
+            vec![(2, "2026001", 700), (4, "2026002", 100)],
+            "blank lines keep the line numbers"
+        );
+        let bad = parse_batch("cardholder_number,amount_fen\n2026001,-5\n,10\n2026003,1,x\n")
+            .unwrap_err();
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(
+            bad.iter().any(|e| e.starts_with("line 2: amount")),
+            "{bad:?}"
+        );
+        assert!(
+            bad.iter()
+                .any(|e| e.starts_with("line 3: cardholder_number is empty"))
+        );
+        assert!(bad.iter().any(|e| e.starts_with("line 4: 3 fields")));
+        let header = parse_batch("number,amount\n1,2\n").unwrap_err();
+        assert_eq!(header.len(), 1, "{header:?}");
+        assert!(parse_batch("").is_err());
     }
 }
