@@ -1860,6 +1860,19 @@ pub fn parse_batch(text: &str) -> Result<Vec<BatchLine>, Vec<String>> {
     }
 }
 
+/// The online counter a top-up being written was given its MAC2 with (`None` if no MAC2 is
+/// out): a terminal compares it with the card's to know whether the card took that load.
+pub async fn load_counter(app: &App, id: i64) -> anyhow::Result<Option<i64>> {
+    Ok(app
+        .store()
+        .query_opt(
+            "SELECT load_counter FROM bank_topups WHERE id = $1 AND state = $2",
+            params![id, State::Loading.code()],
+        )
+        .await?
+        .and_then(|r| r.opt_int(0).ok().flatten()))
+}
+
 /// The SHA-256 of a batch file's bytes, in hex (kept in the audit log with the batch).
 pub fn batch_hash(text: &str) -> String {
     use sha2::Digest as _;
